@@ -1,0 +1,3 @@
+module github.com/embervm/ember
+
+go 1.26
