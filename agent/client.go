@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -113,7 +112,7 @@ func Dial(ctx context.Context, dial Dialer, opts *Options) (*Client, error) {
 func handshake(ctx context.Context, conn net.Conn, o Options) (*Client, error) {
 	fw := NewFrameWriter(conn, DefaultMaxFrameSize)
 	fr := NewFrameReader(conn, DefaultMaxFrameSize)
-	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 
 	hello, _ := json.Marshal(Hello{Versions: []int{ProtocolVersion}, MaxFrameSize: DefaultMaxFrameSize})
@@ -155,7 +154,7 @@ func handshake(ctx context.Context, conn net.Conn, o Options) (*Client, error) {
 			if !stop() {
 				return nil, ctx.Err()
 			}
-			conn.SetReadDeadline(time.Time{})
+			conn.SetDeadline(time.Time{})
 			if reply.MaxFrameSize > 0 && reply.MaxFrameSize < DefaultMaxFrameSize {
 				fw.SetMax(reply.MaxFrameSize)
 			}
@@ -446,10 +445,9 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, stdio ExecIO) (ExecR
 	return res, err
 }
 
-// PutFile writes the content of r to path in the guest, atomically
-// replacing any existing file.
-func (c *Client) PutFile(ctx context.Context, path string, mode fs.FileMode, r io.Reader) (int64, error) {
-	req := FilePutRequest{Path: path, Mode: mode}
+// PutFile writes the content of r to req.Path in the guest, atomically
+// replacing any existing file, and returns the number of bytes written.
+func (c *Client) PutFile(ctx context.Context, req FilePutRequest, r io.Reader) (int64, error) {
 	var res FilePutResult
 	err := c.call(ctx, OpFilePut, req, &res, callStreams{stdin: r})
 	return res.Size, err

@@ -34,6 +34,9 @@ var operations = map[string]operation{
 }
 
 func (s *Server) health(_ *request, args json.RawMessage) (any, error) {
+	if err := decodeArgs(args, &struct{}{}); err != nil {
+		return nil, err
+	}
 	res := agent.HealthResult{
 		AgentVersion:    s.cfg.Version,
 		ProtocolVersion: agent.ProtocolVersion,
