@@ -577,16 +577,20 @@ func TestSystemOperations(t *testing.T) {
 	if err := h.client.Shutdown(ctx, agent.ActionReboot); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
-	// The shutdown runs after the reply; a later request on the same
-	// connection orders after it.
-	if _, err := h.client.Health(ctx); err != nil {
-		t.Fatal(err)
+	// The shutdown runs after the reply was written, so wait for it.
+	for ctx.Err() == nil {
+		h.sys.mu.Lock()
+		shutdowns := append([]string(nil), h.sys.shutdowns...)
+		h.sys.mu.Unlock()
+		if len(shutdowns) > 0 {
+			if len(shutdowns) != 1 || shutdowns[0] != agent.ActionReboot {
+				t.Errorf("shutdowns = %v, want [reboot]", shutdowns)
+			}
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
-	h.sys.mu.Lock()
-	defer h.sys.mu.Unlock()
-	if len(h.sys.shutdowns) != 1 || h.sys.shutdowns[0] != agent.ActionReboot {
-		t.Errorf("shutdowns = %v, want [reboot]", h.sys.shutdowns)
-	}
+	t.Error("shutdown never reached the system")
 }
 
 func TestSystemUnsupportedWithoutSystem(t *testing.T) {
