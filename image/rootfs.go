@@ -131,7 +131,8 @@ func rootfsSize(dir string) (int64, error) {
 // modification times: the UUID and hash seed are fixed, E2FSPROGS_FAKE_TIME
 // (read by e2fsprogs 1.47.0) and SOURCE_DATE_EPOCH (read by later releases)
 // fix the timestamps mkfs takes from the clock, and debugfs then resets
-// each inode's change time, which `mkfs.ext4 -d` copies from the source.
+// each inode's change and access times, which `mkfs.ext4 -d` copies from
+// the source.
 func makeExt4(ctx context.Context, srcDir, out string, size int64) error {
 	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
@@ -177,8 +178,10 @@ func makeExt4(ctx context.Context, srcDir, out string, size int64) error {
 	return nil
 }
 
-// ctimeCommands returns debugfs commands that set the change time of every
-// inode copied from srcDir to rootfsTime.
+// ctimeCommands returns debugfs commands that set the change and access
+// times of every inode copied from srcDir to rootfsTime. The access time
+// needs it too, because reading the source files during the build may
+// update their access times.
 func ctimeCommands(srcDir string) (string, error) {
 	var b strings.Builder
 	err := filepath.WalkDir(srcDir, func(p string, d fs.DirEntry, err error) error {
@@ -199,7 +202,9 @@ func ctimeCommands(srcDir string) (string, error) {
 		if strings.ContainsAny(name, "\"\n") {
 			return nil
 		}
-		fmt.Fprintf(&b, "sif \"%s\" ctime @%d\nsif \"%s\" ctime_extra 0\n", name, rootfsTime, name)
+		for _, field := range []string{"ctime", "atime"} {
+			fmt.Fprintf(&b, "sif \"%s\" %s @%d\nsif \"%s\" %s_extra 0\n", name, field, rootfsTime, name, field)
+		}
 		return nil
 	})
 	return b.String(), err
