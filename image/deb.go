@@ -188,10 +188,11 @@ func extractTar(ctx context.Context, tr *tar.Reader, dest string, keep func(name
 		if h.Typeflag != tar.TypeReg {
 			continue
 		}
-		name := strings.TrimPrefix(path.Clean("/"+h.Name), "/")
+		name := strings.TrimPrefix(h.Name, "./")
 		if !filepath.IsLocal(name) {
 			return nil, fmt.Errorf("data.tar entry %q: path leaves the archive root: %w", h.Name, ErrInvalidDeb)
 		}
+		name = path.Clean(name)
 		if !keep(name) {
 			continue
 		}
