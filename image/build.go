@@ -280,23 +280,31 @@ func (b *builder) buildInto(ctx context.Context, in *inputs, staging, scratch st
 		b.progress.Warn("the kernel has no PVH entry note: Firecracker can boot it, QEMU microvm cannot")
 	}
 
-	b.progress.Step("write vmlinux", 0)
+	if err := b.step(ctx, "write vmlinux"); err != nil {
+		return nil, err
+	}
 	if err := os.WriteFile(filepath.Join(staging, VmlinuxFile), k.vmlinux, 0o644); err != nil {
 		return nil, err
 	}
 
-	b.progress.Step("resolve modules", 0)
+	if err := b.step(ctx, "resolve modules"); err != nil {
+		return nil, err
+	}
 	modules, err := b.resolveModules(k, m)
 	if err != nil {
 		return nil, err
 	}
 
-	b.progress.Step("write initramfs", 0)
+	if err := b.step(ctx, "write initramfs"); err != nil {
+		return nil, err
+	}
 	if err := b.writeInitramfs(staging, k.release, modules); err != nil {
 		return nil, err
 	}
 
-	b.progress.Step("write rootfs", 0)
+	if err := b.step(ctx, "write rootfs"); err != nil {
+		return nil, err
+	}
 	if err := b.writeRootfs(ctx, staging, scratch); err != nil {
 		return nil, err
 	}
@@ -314,6 +322,15 @@ func (b *builder) buildInto(ctx context.Context, in *inputs, staging, scratch st
 	return m, nil
 }
 
+// step reports the start of a step unless ctx is done.
+func (b *builder) step(ctx context.Context, name string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	b.progress.Step(name, 0)
+	return nil
+}
+
 func (b *builder) loadKernel(ctx context.Context, in *inputs, scratch string) (*kernel, error) {
 	kernelPath := b.opts.Kernel
 	if in.debPackage != nil {
@@ -329,7 +346,9 @@ func (b *builder) loadKernel(ctx context.Context, in *inputs, scratch string) (*
 		}
 		kernelPath = p
 	}
-	b.progress.Step("extract kernel", 0)
+	if err := b.step(ctx, "extract kernel"); err != nil {
+		return nil, err
+	}
 	return loadKernelFile(ctx, kernelPath, scratch)
 }
 

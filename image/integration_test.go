@@ -54,9 +54,10 @@ func cleanupDebianKernel() {
 	}
 }
 
-// TestBuildDebianKernel builds a bundle from the real Debian cloud kernel
-// package, checks every file against the manifest, and rebuilds to check
-// that unchanged inputs make a cached no-op.
+// TestBuildDebianKernel builds a bundle the default way, from the real
+// Debian cloud kernel package fetched with apt-get download, checks every
+// file against the manifest, and rebuilds to check that unchanged inputs
+// make a cached no-op.
 func TestBuildDebianKernel(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds a real bundle; skipped with -short")
@@ -70,7 +71,7 @@ func TestBuildDebianKernel(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "bundle")
 
 	rec := &recordingProgress{}
-	opts := Options{Dir: dir, Kernel: deb, Agent: agent, Progress: rec}
+	opts := Options{Dir: dir, Agent: agent, Progress: rec}
 	res, err := Build(context.Background(), opts)
 	if err != nil {
 		t.Fatalf("Build: %v", err)
@@ -96,6 +97,12 @@ func TestBuildDebianKernel(t *testing.T) {
 	}
 	if !strings.HasPrefix(filepath.Base(deb), "linux-image-"+m.KernelRelease+"_") {
 		t.Errorf("kernel release %q does not match package %s", m.KernelRelease, filepath.Base(deb))
+	}
+	if !strings.HasPrefix(m.KernelSource, "linux-image-"+m.KernelRelease+"=") {
+		t.Errorf("kernel source %q does not name the versioned package", m.KernelSource)
+	}
+	if rec.advanced == 0 {
+		t.Errorf("the download reported no progress")
 	}
 
 	// Every required module is loaded or built in, dependencies first.
@@ -130,12 +137,16 @@ func TestBuildDebianKernel(t *testing.T) {
 
 	// A rebuild with the same inputs is a no-op.
 	before := dirState(t, dir)
+	rec.steps = nil
 	res2, err := Build(context.Background(), opts)
 	if err != nil {
 		t.Fatalf("second Build: %v", err)
 	}
 	if !res2.Cached {
 		t.Errorf("second build not cached")
+	}
+	if len(rec.steps) != 1 {
+		t.Errorf("cached build ran steps %v, want only the input check", rec.steps)
 	}
 	if res2.Manifest.InputsDigest != m.InputsDigest {
 		t.Errorf("inputs digest changed: %s then %s", m.InputsDigest, res2.Manifest.InputsDigest)
