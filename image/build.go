@@ -32,10 +32,10 @@ type Options struct {
 	// package. Default: the current package that DefaultKernelPackage
 	// depends on, fetched with `apt-get download`.
 	Kernel string
-	// Modules is a lib/modules/<release> tree to take modules from. It is
-	// needed with a bare vmlinux or bzImage; a .deb brings its own tree,
-	// which Modules overrides. Without either, the initramfs has no
-	// modules and the build reports a warning.
+	// Modules is a lib/modules/<release> tree to take modules from. A
+	// bare vmlinux or bzImage needs it. A .deb brings its own tree, which
+	// Modules overrides. Without either, the initramfs has no modules and
+	// the build reports a warning.
 	Modules string
 	// ModuleNames lists the modules to load with their dependencies.
 	// Default: DefaultModules.
@@ -50,8 +50,8 @@ type Options struct {
 	// Busybox is the static busybox binary for the default root
 	// filesystem. Default: DefaultBusybox.
 	Busybox string
-	// Agent is the static ember-agent binary. Required; [FindAgent]
-	// locates the usual one.
+	// Agent is the static ember-agent binary. It is required, and
+	// [FindAgent] locates the usual one.
 	Agent string
 	// Force rebuilds even when the bundle's inputs are unchanged.
 	Force bool
@@ -118,6 +118,10 @@ func newBuilder(opts Options) (*builder, error) {
 	if opts.Agent == "" {
 		return nil, fmt.Errorf("build image: no agent binary given: %w", ErrAgentNotFound)
 	}
+	if opts.RootfsSize < 0 {
+		return nil, fmt.Errorf("build image: rootfs size %d is negative", opts.RootfsSize)
+	}
+
 	if opts.StateDir == "" {
 		opts.StateDir = DefaultStateDir
 	}
@@ -130,13 +134,12 @@ func newBuilder(opts Options) (*builder, error) {
 	if opts.Busybox == "" {
 		opts.Busybox = DefaultBusybox
 	}
-	if opts.RootfsSize < 0 {
-		return nil, fmt.Errorf("build image: rootfs size %d is negative", opts.RootfsSize)
-	}
+
 	dir, err := filepath.Abs(opts.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("build image: %w", err)
 	}
+
 	b := &builder{opts: opts, dir: dir, progress: opts.Progress, log: opts.Logger}
 	if b.progress == nil {
 		b.progress = nopProgress{}
@@ -203,8 +206,8 @@ func (b *builder) run(ctx context.Context) (*Result, error) {
 }
 
 // digestInputs computes the digest of every input without building
-// anything. For the default kernel it asks the apt cache for the package's
-// digest instead of downloading it.
+// anything. For the default kernel it reads the package's digest from the
+// apt cache instead of downloading the package.
 func (b *builder) digestInputs(ctx context.Context) (*inputs, error) {
 	in := &inputs{digests: make(map[string]string)}
 	add := func(key, p string, digest func(string) (string, error)) error {
@@ -441,7 +444,7 @@ func checkReplaceable(dir string) error {
 		return fmt.Errorf("build image in %s: %w", dir, err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, ManifestFile)); err != nil {
-		return fmt.Errorf("build image in %s: directory is not empty and has no %s; choose another directory", dir, ManifestFile)
+		return fmt.Errorf("build image in %s: directory is not empty and has no %s, so it is not a bundle: choose another directory", dir, ManifestFile)
 	}
 	return nil
 }

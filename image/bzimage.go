@@ -74,8 +74,8 @@ func (h *SetupHeader) PayloadStart() int64 {
 // ParseSetupHeader parses the setup header at the start of a bzImage. It
 // needs at least the first 0x264 bytes of the file and checks the "HdrS"
 // magic, the boot protocol version (2.08 or later, for the payload fields)
-// and that the payload fields are non-zero. It does not check the payload
-// against the file size; [ExtractVmlinux] does.
+// and that the payload fields are non-zero. [ExtractVmlinux], not this
+// function, checks the payload against the file size.
 func ParseSetupHeader(b []byte) (*SetupHeader, error) {
 	if len(b) < setupHeaderEnd {
 		return nil, fmt.Errorf("parse setup header: %d bytes, need %d: %w", len(b), setupHeaderEnd, ErrNotBzImage)

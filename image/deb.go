@@ -73,7 +73,7 @@ func (a *arReader) Next() (*arMember, error) {
 		return nil, fmt.Errorf("read ar header: bad terminator %q: %w", hdr[58:60], ErrInvalidDeb)
 	}
 
-	// GNU ar ends names with '/'; dpkg pads them with spaces.
+	// GNU ar ends names with '/', and dpkg pads them with spaces.
 	name := strings.TrimRight(string(hdr[0:16]), " ")
 	name = strings.TrimSuffix(name, "/")
 	sizeField := strings.TrimSpace(string(hdr[48:58]))

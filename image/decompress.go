@@ -91,7 +91,7 @@ func DetectCompression(b []byte) Compression {
 }
 
 // NewDecompressor returns a reader of the decompressed form of r, which is
-// compressed with c. The caller must close it; Close does not close r.
+// compressed with c. The caller must close it, and Close leaves r open.
 func NewDecompressor(c Compression, r io.Reader) (io.ReadCloser, error) {
 	switch c {
 	case CompressionGzip:

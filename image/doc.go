@@ -3,7 +3,7 @@
 //
 // A bundle is a directory with four files:
 //
-//	vmlinux            uncompressed ELF kernel; Firecracker and QEMU's PVH boot both take it
+//	vmlinux            uncompressed ELF kernel, which Firecracker and QEMU's PVH boot both take
 //	initramfs.cpio.gz  gzip-compressed newc cpio with ember-agent as /init
 //	rootfs.ext4        ext4 root filesystem image
 //	manifest.json      kernel release, sizes, SHA-256 digests, input digests, boot args
@@ -26,8 +26,8 @@
 // The root filesystem is made by `mkfs.ext4 -d` from e2fsprogs, without root
 // privileges or loop mounts, from a directory the caller gives or from a
 // small busybox tree. The agent either stays in the initramfs or switches
-// into the root filesystem, chosen by ember.mode on the kernel command line;
-// the manifest records a recommended command line for each mode.
+// into the root filesystem, as ember.mode on the kernel command line
+// chooses. The manifest records a recommended command line for each mode.
 //
 // Outputs are deterministic: the initramfs has sorted entries with fixed
 // times and owners, and the ext4 image has a fixed UUID, hash seed and
@@ -51,7 +51,8 @@
 // the x86 BCJ filter (the kernel's default for CONFIG_KERNEL_XZ) are not
 // supported, because the xz library reads no BCJ filters. LZO payloads are
 // not supported. The ext4 image is reproducible only for a source tree with
-// the same modification times; the default busybox tree has them all at 0.
+// the same modification times, and the default busybox tree has them all
+// at 0.
 // Building needs mkfs.ext4 and debugfs from e2fsprogs, and the default
 // kernel needs apt-get with a current package list.
 package image

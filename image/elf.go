@@ -18,7 +18,7 @@ const xenElfnotePhys32Entry = 18
 type VmlinuxInfo struct {
 	// Entry is the ELF entry point, the 64-bit entry of an x86_64 vmlinux.
 	Entry uint64
-	// PVHEntry is the physical address from the PVH note; zero without one.
+	// PVHEntry is the physical address from the PVH note, or 0 without one.
 	PVHEntry uint32
 	// HasPVH reports whether the image has the PVH entry note, which QEMU's
 	// microvm machine needs to boot an ELF kernel directly.

@@ -20,8 +20,9 @@ const (
 	initramfsAgentLink  = "sbin/ember-agent"
 )
 
-// initramfsDirs are created empty whatever the contents; the agent mounts
-// file systems on them or moves the root filesystem onto /newroot.
+// initramfsDirs are the directories every initramfs has, even when empty,
+// because the agent mounts file systems on them and the root filesystem on
+// /newroot.
 var initramfsDirs = []string{"proc", "sys", "dev", "tmp", "run", "newroot", "etc", "etc/ember", "sbin"}
 
 // InitramfsModule is a kernel module stored in the initramfs.

@@ -44,7 +44,8 @@ func (k kernelKind) String() string {
 	}
 }
 
-// detectKernelKind tells a vmlinux, a bzImage and a .deb apart by content.
+// detectKernelKind identifies a vmlinux, a bzImage or a .deb by its first
+// bytes.
 func detectKernelKind(head []byte) kernelKind {
 	switch {
 	case bytes.HasPrefix(head, []byte("\x7fELF")):

@@ -47,7 +47,7 @@ type Manifest struct {
 	// KernelRelease is the release of the kernel, such as
 	// "6.1.0-57-cloud-amd64", and names the module directory.
 	KernelRelease string `json:"kernel_release"`
-	// KernelSource is where the kernel came from: a Debian package as
+	// KernelSource is the kernel's origin: a Debian package as
 	// "name=version", or a file path.
 	KernelSource string `json:"kernel_source"`
 	// PVHEntry is the kernel's PVH entry point as a hex string, or empty
@@ -66,8 +66,8 @@ type Manifest struct {
 	// Inputs maps each input (kernel, modules, agent, rootfs, options) to
 	// its SHA-256 digest.
 	Inputs map[string]string `json:"inputs"`
-	// InputsDigest is the SHA-256 of Inputs; a bundle with the same
-	// digest is reused instead of rebuilt.
+	// InputsDigest is the SHA-256 of Inputs. Build reuses a bundle with
+	// the same digest instead of rebuilding it.
 	InputsDigest string `json:"inputs_digest"`
 }
 
@@ -123,14 +123,14 @@ func VerifyBundle(dir string) (*Manifest, error) {
 			return nil, fmt.Errorf("verify bundle %s: %w", dir, err)
 		}
 		if info.Size() != f.Size {
-			return nil, fmt.Errorf("verify bundle %s: %s is %d bytes, manifest says %d: %w", dir, f.Name, info.Size(), f.Size, errBundleChanged)
+			return nil, fmt.Errorf("verify bundle %s: %s is %d bytes, manifest records %d: %w", dir, f.Name, info.Size(), f.Size, errBundleChanged)
 		}
 		sum, err := fileSHA256(p)
 		if err != nil {
 			return nil, fmt.Errorf("verify bundle %s: %w", dir, err)
 		}
 		if sum != f.SHA256 {
-			return nil, fmt.Errorf("verify bundle %s: %s has sha256 %s, manifest says %s: %w", dir, f.Name, sum, f.SHA256, errBundleChanged)
+			return nil, fmt.Errorf("verify bundle %s: %s has sha256 %s, manifest records %s: %w", dir, f.Name, sum, f.SHA256, errBundleChanged)
 		}
 	}
 	return m, nil

@@ -206,7 +206,7 @@ func (ix *ModuleIndex) loadModulesDep(r io.Reader) error {
 		names := make([]string, len(list))
 		for i, d := range list {
 			names[i] = ModuleName(d)
-			// A dependency must itself have a line; depmod always writes one.
+			// A dependency must have a line of its own, as depmod writes.
 			if _, ok := deps[d]; !ok {
 				return fmt.Errorf("modules.dep: %q depends on %q, which has no line: %w", mod, d, ErrInvalidModulesDep)
 			}

@@ -128,11 +128,12 @@ func rootfsSize(dir string) (int64, error) {
 // the tree into the new filesystem. Every file is owned by root.
 //
 // The image is reproducible for the same tree contents, names, modes and
-// modification times: the UUID and hash seed are fixed, E2FSPROGS_FAKE_TIME
-// (read by e2fsprogs 1.47.0) and SOURCE_DATE_EPOCH (read by later releases)
-// fix the timestamps mkfs takes from the clock, and debugfs then resets
-// each inode's change and access times, which `mkfs.ext4 -d` copies from
-// the source.
+// modification times, because every other input is fixed. The UUID and
+// hash seed are constants. E2FSPROGS_FAKE_TIME fixes the times mkfs takes
+// from the clock (checked with e2fsprogs 1.47.0, which ignores
+// SOURCE_DATE_EPOCH; that is set too, for releases that read it). debugfs
+// then resets each inode's change and access times, which `mkfs.ext4 -d`
+// copies from the source tree.
 func makeExt4(ctx context.Context, srcDir, out string, size int64) error {
 	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
