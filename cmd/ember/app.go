@@ -93,6 +93,7 @@ func (a *app) rootCommand() *cobra.Command {
 		a.configCommand(),
 		a.specCommand(),
 		a.snapshotCommand(),
+		newImageCommand(a),
 	)
 	return root
 }
