@@ -88,6 +88,9 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 		}
 		rb.add(func() error { return os.RemoveAll(dir) })
 		accel = p.acceleratorFor(ctx, m.Kernel)
+		if accel == AccelTCG {
+			m.BootArgs = withTSCHint(m.BootArgs, p.tscKHz)
+		}
 	}
 
 	inst = &instance{

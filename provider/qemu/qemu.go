@@ -65,6 +65,12 @@ type Options struct {
 	// console log file in the run directory is not bounded.
 	ConsoleBytes int
 	ConsoleLines int
+	// TSCKHz is the TSC frequency that TCG guests are told through the
+	// tsc_early_khz kernel parameter, unless their boot args set it. 0
+	// means the host's, read from /proc/cpuinfo where the host kernel
+	// knows it exactly; a negative value turns the hint off. Without it, a
+	// TCG guest on a busy host can hang while it calibrates its clock.
+	TSCKHz int
 	// NetNS is the path of a network namespace, such as
 	// /run/netns/<name>, in which QEMU processes start and open their
 	// TAP devices. "" means the provider's own namespace.
@@ -83,6 +89,8 @@ type Provider struct {
 	log         *slog.Logger
 	// vhostVsock reports whether /dev/vhost-vsock existed at New.
 	vhostVsock bool
+	// tscKHz is the TSC hint for TCG guests; 0 means none.
+	tscKHz int
 
 	accelOnce sync.Once
 	accel     Accel
@@ -162,6 +170,12 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 		vhostVsock:  statErr == nil,
 		vms:         map[string]*instance{},
 		pending:     map[string]bool{},
+	}
+	switch {
+	case opts.TSCKHz > 0:
+		p.tscKHz = opts.TSCKHz
+	case opts.TSCKHz == 0:
+		p.tscKHz = hostTSCKHz()
 	}
 	if opts.Accel != AccelAuto {
 		p.accelOnce.Do(func() { p.accel = opts.Accel })
