@@ -31,8 +31,7 @@ func TestConformance(t *testing.T) {
 		Leaked: func(t *testing.T, p vm.Provider, id string) error {
 			return leaked(p.(*Provider), id)
 		},
-		Timeout:       3 * time.Minute,
-		ShutdownGrace: 30 * time.Second,
+		Timeout: 3 * time.Minute,
 		// Parallel subtests keep the suite short: most of a TCG guest's
 		// time is its boot, and the guests overlap well on two cores.
 		Parallel:    true,
