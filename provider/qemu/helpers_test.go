@@ -324,4 +324,3 @@ func readHeader(t testing.TB, path string, n int) []byte {
 	}
 	return b
 }
-

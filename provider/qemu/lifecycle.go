@@ -94,15 +94,15 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 	}
 
 	inst = &instance{
-		console:  newConsoleRing(p.opts.ConsoleBytes, p.opts.ConsoleLines),
-		exited:   make(chan struct{}),
-		created:  time.Now().UTC(),
-		log:      p.log,
-		id:       cfg.ID,
-		dir:      dir,
-		cfg:      *cfg,
-		mach:     m,
-		state:    vm.StateCreated,
+		console: newConsoleRing(p.opts.ConsoleBytes, p.opts.ConsoleLines),
+		exited:  make(chan struct{}),
+		created: time.Now().UTC(),
+		log:     p.log,
+		id:      cfg.ID,
+		dir:     dir,
+		cfg:     *cfg,
+		mach:    m,
+		state:   vm.StateCreated,
 	}
 	if cfg.IsRestore() {
 		// A restored VM starts out paused: its vCPUs stay stopped until
