@@ -48,6 +48,12 @@ type instance struct {
 	// initiated (a power-off, reboot or panic).
 	guestShutdown string
 	exitErr       error
+	// migratedTo is the directory of the snapshot last migrated out of
+	// this VM while its vCPUs have stayed stopped since; "" once it runs.
+	migratedTo string
+	// registered is set once Create has returned the VM. Until then a
+	// failure is reported by Create's error, not logged.
+	registered bool
 }
 
 func (inst *instance) info() vm.Info {
@@ -87,6 +93,9 @@ func (inst *instance) transitionLocked(op vm.Op) error {
 	to, err := vm.Transition(inst.id, inst.state, op)
 	if err != nil {
 		return err
+	}
+	if to == vm.StateRunning {
+		inst.migratedTo = ""
 	}
 	if to != inst.state {
 		inst.log.Debug("vm state changed", "vm", inst.id, "from", inst.state, "to", to, "op", op)

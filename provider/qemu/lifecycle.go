@@ -36,6 +36,9 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	p.mu.Lock()
 	p.vms[cfg.ID] = inst
 	p.mu.Unlock()
+	inst.mu.Lock()
+	inst.registered = true
+	inst.mu.Unlock()
 	return inst.info(), nil
 }
 
@@ -122,18 +125,19 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 	if err := p.startProcess(inst, buildArgs(&m, l), extra); err != nil {
 		return nil, err
 	}
+	started := inst // inst, the named result, is nil when the rollback runs
 	rb.add(func() error {
-		inst.mu.Lock()
-		inst.stopping = true
-		inst.mu.Unlock()
-		inst.signal(syscall.SIGKILL)
-		<-inst.exited
+		started.mu.Lock()
+		started.stopping = true
+		started.mu.Unlock()
+		started.signal(syscall.SIGKILL)
+		<-started.exited
 		return nil
 	})
 
 	mon, err := dialMonitor(ctx, filepath.Join(dir, qmpSocketName), inst.exited, inst.handleEvent)
 	if err != nil {
-		return nil, p.startFailure(inst, err)
+		return nil, p.startFailure(inst, err, cfg.RestoreFrom)
 	}
 	inst.mu.Lock()
 	inst.monitor = mon
@@ -148,7 +152,7 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 			Status string `json:"status"`
 		}
 		if err := mon.run(ctx, "query-status", nil, &status); err != nil {
-			return nil, p.startFailure(inst, err)
+			return nil, p.startFailure(inst, err, nil)
 		}
 		if status.Status != "prelaunch" {
 			return nil, fmt.Errorf("qemu reports status %q after start, expected prelaunch", status.Status)
@@ -160,12 +164,16 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 }
 
 // startFailure returns err, or QEMU's own exit message when QEMU exited
-// during start, which is the more useful of the two.
-func (p *Provider) startFailure(inst *instance, err error) error {
+// during start, which is the more useful of the two. During a restore
+// (ref set) an exit means that QEMU could not load the snapshot.
+func (p *Provider) startFailure(inst *instance, err error, ref *vm.SnapshotRef) error {
 	select {
 	case <-inst.exited:
 	case <-time.After(100 * time.Millisecond):
 		return err
+	}
+	if ref != nil {
+		return p.loadFailure(inst, ref)
 	}
 	inst.mu.Lock()
 	defer inst.mu.Unlock()

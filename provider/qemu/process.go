@@ -135,7 +135,7 @@ func (p *Provider) reap(inst *instance) {
 		inst.transitionLocked(vm.OpFail)
 		inst.reason = "qemu exited unexpectedly: " + describeExit(err, inst.stderrTail())
 	}
-	id, state, reason := inst.id, inst.state, inst.reason
+	id, state, reason, registered := inst.id, inst.state, inst.reason, inst.registered
 	inst.mu.Unlock()
 
 	if mon != nil {
@@ -143,7 +143,7 @@ func (p *Provider) reap(inst *instance) {
 	}
 	inst.serialLog.Close()
 	inst.stderrLog.Close()
-	if state == vm.StateFailed {
+	if state == vm.StateFailed && registered {
 		inst.log.Error("qemu exited unexpectedly", "vm", id, "err", err, "reason", reason)
 	} else {
 		inst.log.Info("qemu exited", "vm", id, "state", state, "exit", describeExit(err, ""))

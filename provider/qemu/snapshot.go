@@ -115,9 +115,24 @@ func (p *Provider) snapshot(ctx context.Context, inst *instance, snapID string) 
 		}
 	}()
 
-	size, err := migrateToFile(ctx, mon, filepath.Join(tmp, snapshotStateName))
-	if err != nil {
-		return nil, err
+	// QEMU 7.2 refuses to migrate a VM a second time until it has run
+	// again ("paused due to previous migration"). The guest has not run
+	// since the previous snapshot, so its state file is still exact and
+	// is copied instead.
+	inst.mu.Lock()
+	previous := inst.migratedTo
+	inst.mu.Unlock()
+	var size int64
+	if previous != "" {
+		size, err = copyFile(filepath.Join(tmp, snapshotStateName), filepath.Join(previous, snapshotStateName))
+		if err != nil {
+			return nil, fmt.Errorf("copy the state of the previous snapshot %s, which qemu requires while the vm has not run since: %w", previous, err)
+		}
+	} else {
+		size, err = migrateToFile(ctx, mon, filepath.Join(tmp, snapshotStateName))
+		if err != nil {
+			return nil, err
+		}
 	}
 
 	inst.mu.Lock()
@@ -149,6 +164,9 @@ func (p *Provider) snapshot(ctx context.Context, inst *instance, snapID string) 
 	if err := os.Rename(tmp, final); err != nil {
 		return nil, err
 	}
+	inst.mu.Lock()
+	inst.migratedTo = final
+	inst.mu.Unlock()
 	return meta, syncDir(parent)
 }
 
