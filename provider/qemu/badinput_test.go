@@ -248,4 +248,3 @@ func garble(t *testing.T, dir string) {
 	}
 	writeFile(t, metaPath, b)
 }
-

@@ -6,7 +6,7 @@ import (
 )
 
 // consoleRing keeps the most recent console output, bounded both in lines
-// and in bytes. A single line longer than maxBytes keeps only its last
+// (an incomplete last line counts as one) and in bytes. A single line longer than maxBytes keeps only its last
 // maxBytes bytes. It is safe for concurrent use.
 type consoleRing struct {
 	maxBytes int
@@ -36,7 +36,7 @@ func (r *consoleRing) Write(p []byte) (int, error) {
 	// Drop whole lines from the front while over either bound. When the
 	// line count is within bounds but the bytes are not, this may still
 	// cut into the middle of the oldest line.
-	for r.lines > r.maxLines {
+	for r.lineCountLocked() > r.maxLines {
 		i := bytes.IndexByte(r.buf, '\n')
 		r.buf = r.buf[i+1:]
 		r.lines--
@@ -60,6 +60,16 @@ func (r *consoleRing) Write(p []byte) (int, error) {
 		r.buf = append([]byte(nil), r.buf...)
 	}
 	return len(p), nil
+}
+
+// lineCountLocked counts the retained lines, including an incomplete last
+// line.
+func (r *consoleRing) lineCountLocked() int {
+	n := r.lines
+	if len(r.buf) > 0 && r.buf[len(r.buf)-1] != '\n' {
+		n++
+	}
+	return n
 }
 
 // Bytes returns a copy of the retained output.
