@@ -1,0 +1,135 @@
+package qemu
+
+import (
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/embervm/ember/vm"
+)
+
+// instance is one VM and its QEMU process.
+type instance struct {
+	// opMu serializes the operations on this VM. It is held across QMP
+	// commands, so the event and wait goroutines never take it: they
+	// take only mu, which nobody holds across a blocking call.
+	opMu sync.Mutex
+
+	cmd     *exec.Cmd
+	monitor *monitor
+	console *consoleRing
+	// serialLog and stderrLog are closed by the wait goroutine once the
+	// process has exited and its output is drained.
+	serialLog *os.File
+	stderrLog *os.File
+	// exited is closed once the process is reaped.
+	exited chan struct{}
+	// copyDone is closed once the console copy goroutine has drained
+	// QEMU's stdout.
+	copyDone chan struct{}
+	created  time.Time
+	log      *slog.Logger
+
+	mu    sync.Mutex
+	id    string
+	dir   string
+	cfg   vm.Config
+	mach  machine
+	state vm.State
+	// reason explains StateStopped or StateFailed.
+	reason string
+	// stopping is set when the provider itself ends the process, so that
+	// the exit is not reported as a VMM failure.
+	stopping bool
+	// guestShutdown is set when QEMU reported a shutdown that the guest
+	// initiated (a power-off, reboot or panic).
+	guestShutdown string
+	exitErr       error
+	// migratedTo is the directory of the snapshot last migrated out of
+	// this VM while its vCPUs have stayed stopped since; "" once it runs.
+	migratedTo string
+	// registered is set once Create has returned the VM. Until then a
+	// failure is reported by Create's error, not logged.
+	registered bool
+}
+
+func (inst *instance) info() vm.Info {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	info := vm.Info{
+		ID:        inst.id,
+		Backend:   backendName,
+		State:     inst.state,
+		Config:    inst.cfg.Clone(),
+		CreatedAt: inst.created,
+		Reason:    inst.reason,
+	}
+	if inst.cmd != nil && inst.cmd.Process != nil && !inst.exitedLocked() {
+		info.PID = inst.cmd.Process.Pid
+	}
+	return info
+}
+
+func (inst *instance) exitedLocked() bool {
+	select {
+	case <-inst.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// transition applies op through vm.Transition and returns the new state.
+func (inst *instance) transition(op vm.Op) error {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	return inst.transitionLocked(op)
+}
+
+func (inst *instance) transitionLocked(op vm.Op) error {
+	to, err := vm.Transition(inst.id, inst.state, op)
+	if err != nil {
+		return err
+	}
+	if to == vm.StateRunning {
+		inst.migratedTo = ""
+	}
+	if to != inst.state {
+		inst.log.Debug("vm state changed", "vm", inst.id, "from", inst.state, "to", to, "op", op)
+	}
+	inst.state = to
+	return nil
+}
+
+// check returns the transition error for op without applying it.
+func (inst *instance) check(op vm.Op) error {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	_, err := vm.Transition(inst.id, inst.state, op)
+	return err
+}
+
+func (inst *instance) currentState() vm.State {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	return inst.state
+}
+
+func (inst *instance) runDir() string {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	return inst.dir
+}
+
+func (inst *instance) path(name string) string {
+	return filepath.Join(inst.runDir(), name)
+}
+
+func (inst *instance) vmID() string {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	return inst.id
+}
