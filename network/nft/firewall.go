@@ -582,3 +582,7 @@ func taggedRulesIn(c *nftables.Conn, t *nftables.Table, tag []byte, chains ...st
 	}
 	return out, nil
 }
+
+// InstallSlotNAT is [InstallSlotNAT] as a method, so a Firewall satisfies
+// interfaces that include it.
+func (f *Firewall) InstallSlotNAT(nsPath string, s SlotNAT) error { return InstallSlotNAT(nsPath, s) }
