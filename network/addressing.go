@@ -11,10 +11,10 @@ import (
 // (__NEW_UTS_LEN).
 const MaxHostnameLength = 64
 
-// GuestAddressing is what a guest needs to configure its interface: at cold
-// boot through the kernel's ip= argument ([GuestAddressing.KernelArg]), and
-// after a restore or a handoff through the guest agent's network-configure
-// call, to which the pool passes these fields.
+// GuestAddressing is the configuration of a guest's interface. A guest gets
+// it at cold boot from the kernel's ip= argument ([GuestAddressing.KernelArg]).
+// After a restore or a handoff, the pool passes these fields to the guest
+// agent's network-configure call.
 type GuestAddressing struct {
 	// Interface is the guest's device name, such as "eth0".
 	Interface string `json:"interface"`
@@ -65,6 +65,7 @@ func ParseKernelArg(s string) (GuestAddressing, error) {
 	if len(f) < 7 || len(f) > 9 {
 		return a, fmt.Errorf("parse ip= argument %q: %d fields, want 7 to 9", s, len(f))
 	}
+
 	addr, err := netip.ParseAddr(f[0])
 	if err != nil || !addr.Is4() {
 		return a, fmt.Errorf("parse ip= argument %q: client address %q is not IPv4", s, f[0])
@@ -76,6 +77,7 @@ func ParseKernelArg(s string) (GuestAddressing, error) {
 	if err != nil || !gw.Is4() {
 		return a, fmt.Errorf("parse ip= argument %q: gateway %q is not IPv4", s, f[2])
 	}
+
 	mask, err := netip.ParseAddr(f[3])
 	if err != nil || !mask.Is4() {
 		return a, fmt.Errorf("parse ip= argument %q: netmask %q is not IPv4", s, f[3])
@@ -84,6 +86,7 @@ func ParseKernelArg(s string) (GuestAddressing, error) {
 	if !ok {
 		return a, fmt.Errorf("parse ip= argument %q: netmask %s is not contiguous", s, mask)
 	}
+
 	if len(f[4]) > MaxHostnameLength {
 		return a, fmt.Errorf("parse ip= argument %q: hostname longer than %d bytes", s, MaxHostnameLength)
 	}
@@ -93,6 +96,7 @@ func ParseKernelArg(s string) (GuestAddressing, error) {
 	if f[6] != "off" {
 		return a, fmt.Errorf("parse ip= argument %q: autoconf %q is not supported, want \"off\"", s, f[6])
 	}
+
 	for _, d := range f[7:] {
 		dns, err := netip.ParseAddr(d)
 		if err != nil || !dns.Is4() {

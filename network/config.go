@@ -10,7 +10,7 @@ import (
 	"github.com/embervm/ember/network/nft"
 )
 
-// Mode is how a network connects its VMs to the host.
+// Mode is the way a network connects its VMs to the host.
 type Mode string
 
 const (
@@ -24,7 +24,8 @@ const (
 	ModeSlot Mode = "slot"
 )
 
-// EgressPolicy is what a VM may reach beyond its allowlist.
+// EgressPolicy is the verdict for a VM's traffic that its allowlist does
+// not match.
 type EgressPolicy string
 
 const (
@@ -75,8 +76,9 @@ type Network struct {
 	// veth pair: the first address is on the host side, the second is the
 	// slot's unique address. Zero means DefaultTransitRange.
 	TransitRange netip.Prefix `json:"transit_range,omitzero"`
-	// Uplink is the host interface for NAT to the outside; "" means VMs
-	// reach only what is allowed on the host and in other Ember networks.
+	// Uplink is the host interface for NAT to the outside. Without one, VMs
+	// reach only what their rules allow on the host and in other Ember
+	// networks.
 	Uplink string `json:"uplink,omitempty"`
 	// MTU of TAPs, veths and the bridge; 0 means DefaultMTU.
 	MTU int `json:"mtu,omitempty"`

@@ -14,8 +14,8 @@ import (
 var ErrModeChange = fmt.Errorf("handoff between bridge and slot networks: %w", vm.ErrUnsupported)
 
 // Handoff gives the running VM leased as fromID a new identity toID in
-// network netName, without touching the VMM: the TAP keeps its name and its
-// open file, and is re-attached to the target network's bridge, or moved into
+// network netName without touching the VMM. The TAP keeps its name and its
+// open file, and is re-attached to the target network's bridge or moved into
 // a new slot namespace. The tenant gets a fresh lease (address, MAC, slot)
 // and its own egress rules, and fromID's lease and rules are removed. The
 // caller then reconfigures the guest with the returned Addressing through

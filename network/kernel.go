@@ -19,7 +19,7 @@ import (
 // ErrLinkExists means an interface name is already in use.
 var ErrLinkExists = errors.New("link already exists")
 
-// Link is what the manager reads about one network interface.
+// Link is the manager's view of one network interface.
 type Link struct {
 	Name string
 	// Alias is the interface alias (IFLA_IFALIAS); Ember's links carry

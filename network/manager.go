@@ -111,8 +111,8 @@ func NewManager(opts Options) (*Manager, error) {
 	return m, nil
 }
 
-// Attachment is what a VM needs from the network: its lease, where its TAP
-// is, and how the guest configures itself.
+// Attachment is a VM's network identity: its lease, the location of its
+// TAP, and the guest's addressing.
 type Attachment struct {
 	Lease Lease
 	// NetNSPath is the slot namespace that contains the TAP in slot mode;
@@ -316,10 +316,10 @@ func (m *Manager) newLease(vmID string, n Network, o AttachOptions, leases []Lea
 	return l, err
 }
 
-// pickName returns the first name for vmID that no lease uses. A name held
-// by a link that is not Ember's is an error, so Ember never takes over or
-// hides behind someone else's interface; a name held by an orphaned Ember
-// link is skipped until Reconcile removes it.
+// pickName returns the first name for vmID that no lease uses. A name
+// taken by a link that is not Ember's is an error, so Ember never takes over
+// someone else's interface. A name taken by an orphaned Ember link is
+// skipped until Reconcile removes that link.
 func pickName(prefix, vmID string, leases []Lease, hostLinks []Link) (string, error) {
 	for _, name := range nameCandidates(prefix, vmID) {
 		if slices.ContainsFunc(leases, func(l Lease) bool { return l.TAP == name && l.Mode == ModeBridge || l.HostVeth == name }) {

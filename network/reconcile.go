@@ -23,10 +23,10 @@ type ReconcileReport struct {
 	Rebuilt []string
 }
 
-// Reconcile makes the kernel match the leases after a restart: it sets up
-// the networks, removes Ember links, slot namespaces and firewall rules that
-// no lease owns, creates again what a lease owns but the kernel lacks, and
-// reinstalls every lease's rules. Links without Ember's alias are never
+// Reconcile makes the kernel match the leases after a restart. It sets up
+// the networks and removes Ember links, slot namespaces and firewall rules
+// that no lease owns. Then it creates again what a lease owns but the kernel
+// lacks, and reinstalls every lease's rules. Links without Ember's alias are never
 // touched. Problems with one lease do not stop the others; they are returned
 // joined with the report of what was done.
 func (m *Manager) Reconcile(ctx context.Context) (ReconcileReport, error) {
@@ -144,7 +144,9 @@ func (m *Manager) ensureLease(l Lease, n Network) (rebuilt bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	hasHost := func(name string) bool { return slices.ContainsFunc(hostLinks, func(x Link) bool { return x.Name == name }) }
+	hasHost := func(name string) bool {
+		return slices.ContainsFunc(hostLinks, func(x Link) bool { return x.Name == name })
+	}
 
 	if l.Mode == ModeBridge {
 		createTAP := !hasHost(l.TAP)

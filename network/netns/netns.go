@@ -39,7 +39,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// DefaultDir is where named namespaces live, as with "ip netns".
+// DefaultDir is the directory of named namespaces, the same as for "ip netns".
 const DefaultDir = "/run/netns"
 
 // ErrExists means a named namespace already exists.

@@ -31,7 +31,7 @@ type FakeKernel struct {
 	peers map[string]string
 }
 
-// FakeNSDir is where FakeKernel pretends named namespaces live.
+// FakeNSDir is the directory prefix of FakeKernel's namespace paths.
 const FakeNSDir = "/fake/netns/"
 
 // NewFakeKernel returns a FakeKernel whose host namespace has lo, with IPv4

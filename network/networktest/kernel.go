@@ -187,7 +187,7 @@ func Sysctl(t testing.TB, path, key, value string) {
 }
 
 // Guest is a fake guest: a namespace whose eth0 is one end of a veth pair.
-// The other end stands in for the VM's TAP.
+// The other end replaces the VM's TAP.
 type Guest struct {
 	Name string
 	Path string
@@ -255,9 +255,9 @@ func Serve(t testing.TB, path, addr string) {
 	})
 }
 
-// ErrNoAnswer means a TCP dial got no answer before its timeout: the path
-// dropped the packets.
-var ErrNoAnswer = errors.New("no answer")
+// ErrNoAnswer means a TCP dial timed out without a response, because a
+// firewall on the path dropped the packets.
+var ErrNoAnswer = errors.New("dial timed out without a response")
 
 // Dial connects from inside the namespace at path to the TCP server at
 // addr and returns the line it sent. A dropped connection attempt returns

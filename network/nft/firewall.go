@@ -1,3 +1,31 @@
+// Package nft installs Ember's egress firewall and NAT with nftables over
+// netlink.
+//
+// Ember owns three tables and reads or changes nothing else in a ruleset.
+// They are "ember" in the bridge family for VMs on a bridge, "ember" in the
+// inet family for VMs reached through a routed interface, and "ember-nat" in
+// the ip family for masquerading. Each table has input and forward base chains
+// that jump to a dispatch chain, in which each VM has a rule that matches its
+// interface and jumps to the VM's own chain, "vm-" plus the VM id. Every rule
+// carries user data naming its owner, which is how a VM's rules are found
+// for replacement or removal. Every change is one netlink batch, which the
+// kernel applies atomically, so a failed call changes nothing.
+//
+// A VM's chain checks, in order: source MAC and address (bridge family),
+// non-IPv4 traffic (dropped), the allowlist (accepted), protected networks
+// (dropped), and finally the default policy: drop for deny-all, or fall
+// through to the base chain's accept for allow-all. In the inet family a
+// packet from a VM addressed to the host itself is dropped after the VM's
+// chain unless the chain accepted it.
+//
+// A sketch:
+//
+//	fw := nft.New("") // the process's own namespace
+//	err := fw.InstallVM(nft.VMPolicy{
+//		VMID: "web-1", Family: nft.FamilyBridge, Iface: "emt-web-1",
+//		Allow:   []nft.Rule{{Dest: netip.MustParsePrefix("0.0.0.0/0"), Protocol: nft.ProtocolTCP, Port: 443}},
+//		DenyAll: true,
+//	})
 package nft
 
 import (
@@ -256,7 +284,7 @@ func (f *Firewall) InstallVM(p VMPolicy) error {
 		Exprs: join(matchIIFName(p.Iface), []expr.Any{jump(name)})})
 	if p.Family == FamilyINet {
 		// Traffic to the host itself ends here unless the VM's chain
-		// accepted it. In the bridge family the input hook also sees
+		// accepted it. In the bridge family the input hook also gets
 		// routed traffic, so Protected covers the host there.
 		c.AddRule(&nftables.Rule{Table: table, Chain: in, UserData: vmTag(p.VMID),
 			Exprs: join(matchIIFName(p.Iface), []expr.Any{verdict(expr.VerdictDrop)})})
@@ -383,11 +411,13 @@ func (f *Firewall) EnsureNAT(name string, src netip.Prefix, uplink string) error
 		return fmt.Errorf("ensure nat for network %s: %w", name, err)
 	}
 	defer done()
+
 	table := &nftables.Table{Name: NATTableName, Family: nftables.TableFamilyIPv4}
 	old, err := taggedRulesIn(c, table, tag("nat", name), postrouting)
 	if err != nil {
 		return fmt.Errorf("ensure nat for network %s: %w", name, err)
 	}
+
 	c.AddTable(table)
 	ch := c.AddChain(&nftables.Chain{
 		Name: postrouting, Table: table, Type: nftables.ChainTypeNAT,
@@ -490,11 +520,13 @@ func InstallSlotNAT(nsPath string, s SlotNAT) error {
 	} else if ok {
 		c.DelTable(table)
 	}
+
 	c.AddTable(table)
 	pre := c.AddChain(&nftables.Chain{Name: prerouting, Table: table, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
 	post := c.AddChain(&nftables.Chain{Name: postrouting, Table: table, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
+
 	guest := s.GuestAddr.As4()
 	slot := s.SlotAddr.As4()
 	c.AddRule(&nftables.Rule{Table: table, Chain: pre, UserData: []byte(tagStatic), Exprs: join(

@@ -32,12 +32,10 @@ func newBridgeTopology(t *testing.T) *bridgeTopology {
 	networktest.DumpRuleset(t, hostName)
 	_, top.world = networktest.NewNS(t, "world")
 
-	h := networktest.Handle(t, top.host)
-	br := &netlink_Bridge{name: "br0"}
+	br := &testBridge{name: "br0"}
 	br.create(t, top.host)
 	networktest.Addr(t, top.host, "br0", "10.50.0.1/24")
 	networktest.Sysctl(t, top.host, "net.ipv4.ip_forward", "1")
-	_ = h
 
 	a := networktest.NewGuest(t, top.host, "tapa")
 	b := networktest.NewGuest(t, top.host, "tapb")
@@ -95,7 +93,7 @@ func TestBridgeFamilyMatchesTAP(t *testing.T) {
 	fw := nft.New(top.host)
 	t.Cleanup(func() { fw.Teardown() })
 
-	// Without rules, everything answers: the topology works.
+	// Without rules every server responds, which proves the topology works.
 	for _, addr := range []string{"10.60.0.2:8080", "10.60.0.3:8080", "10.50.0.3:8080", "10.50.0.1:8080"} {
 		expectReach(t, top.guestA, addr)
 	}
@@ -284,8 +282,8 @@ func TestNATAndTeardown(t *testing.T) {
 	}
 }
 
-// dialNS opens an nftables conn in the namespace at path; the namespace fd
-// stays open until the test ends because the conn uses it for every socket.
+// dialNS opens an nftables conn in the namespace at path. The namespace fd
+// stays open until the test ends, because the conn uses it for every socket.
 func dialNS(t *testing.T, path string) *nftables.Conn {
 	t.Helper()
 	fd, err := openNS(path)

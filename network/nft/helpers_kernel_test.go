@@ -13,9 +13,10 @@ func openNS(path string) (int, error) { return unix.Open(path, unix.O_RDONLY|uni
 
 func closeFD(fd int) { unix.Close(fd) }
 
-type netlink_Bridge struct{ name string }
+// testBridge creates a bridge and attaches ports to it in a test namespace.
+type testBridge struct{ name string }
 
-func (b *netlink_Bridge) create(t *testing.T, ns string) {
+func (b *testBridge) create(t *testing.T, ns string) {
 	t.Helper()
 	h := networktest.Handle(t, ns)
 	if err := h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: b.name}}); err != nil {
@@ -24,7 +25,7 @@ func (b *netlink_Bridge) create(t *testing.T, ns string) {
 	networktest.Up(t, ns, b.name)
 }
 
-func (b *netlink_Bridge) enslave(t *testing.T, ns, port string) {
+func (b *testBridge) enslave(t *testing.T, ns, port string) {
 	t.Helper()
 	h := networktest.Handle(t, ns)
 	br, err := h.LinkByName(b.name)
