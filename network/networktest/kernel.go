@@ -85,8 +85,6 @@ func CheckNoNamespaceLeaks(t testing.TB, prefix string) {
 	})
 }
 
-var handles sync.Map // path -> *netlink.Handle
-
 // Handle returns a netlink handle for the namespace at path.
 func Handle(t testing.TB, path string) *netlink.Handle {
 	t.Helper()
