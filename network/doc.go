@@ -53,6 +53,9 @@
 //		return err
 //	}
 //	spec.NetworkInterfaces = []vm.NetworkInterface{att.NetworkInterface("eth0")}
+//	if att.NetNSPath != "" {
+//		spec.NetNS = &att.NetNSPath // slot mode: the VMM runs in the slot
+//	}
 //	bootArgs += " " + att.Addressing.KernelArg()
 //	// ... run the VM; on destroy:
 //	err = m.Detach(ctx, "web-1")
@@ -60,14 +63,15 @@
 // Limits:
 //
 //   - IPv4 only. IPv6 from guests is dropped.
-//   - In slot mode the VMM must run inside Attachment.NetNSPath to open its
-//     TAP.
+//   - In slot mode the VMM must run inside Attachment.NetNSPath (vm.Spec.NetNS)
+//     to open its TAP.
 //   - The kernel on Ember's hosts has no bridge conntrack, so in bridge mode
 //     a guest's replies to connections that others open to it pass the same
 //     allowlist as its own connections. In slot mode replies pass as
 //     established traffic.
-//   - ARP from guests is not filtered, so a guest can answer ARP for another
-//     guest's address on its bridge. Its IPv4 packets with a foreign source
-//     address or MAC are still dropped.
+//   - In bridge mode a guest's frames with a foreign source MAC, ARP sender
+//     address or IPv4 source address are dropped. A restored or handed-off
+//     guest therefore has no network until the agent applies its new
+//     addressing.
 //   - Handoff moves VMs between networks of the same mode only.
 package network

@@ -115,8 +115,9 @@ func NewManager(opts Options) (*Manager, error) {
 // TAP, and the guest's addressing.
 type Attachment struct {
 	Lease Lease
-	// NetNSPath is the slot namespace that contains the TAP in slot mode;
-	// the VMM must open the TAP from inside it. It is "" in bridge mode.
+	// NetNSPath is the slot namespace that contains the TAP in slot mode.
+	// The VMM must open the TAP from inside it, so it goes in vm.Spec.NetNS.
+	// It is "" in bridge mode.
 	NetNSPath  string
 	Addressing GuestAddressing
 }
@@ -130,6 +131,12 @@ func (a Attachment) NetworkInterface(ifaceID string) vm.NetworkInterface {
 		GuestMAC:    a.Lease.MAC,
 		MTU:         a.Addressing.MTU,
 	}
+}
+
+// NetworkOverride returns the override that points a restored snapshot's
+// interface ifaceID at the attachment's TAP.
+func (a Attachment) NetworkOverride(ifaceID string) vm.NetworkOverride {
+	return vm.NetworkOverride{IfaceID: ifaceID, HostDevName: a.Lease.TAP}
 }
 
 // AttachOptions are per-VM settings.

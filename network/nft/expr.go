@@ -17,6 +17,10 @@ const (
 	dstPortOffset = 2
 	// ethSrcOffset is the source MAC in the Ethernet header.
 	ethSrcOffset = 6
+	// arpSenderIPOffset is the sender protocol address in an Ethernet/IPv4
+	// ARP packet (RFC 826): after hardware and protocol type (2+2), their
+	// lengths (1+1), the operation (2) and the sender MAC (6).
+	arpSenderIPOffset = 14
 )
 
 // ifname pads an interface name to IFNAMSIZ, the width that meta iifname

@@ -11,10 +11,11 @@
 // for replacement or removal. Every change is one netlink batch, which the
 // kernel applies atomically, so a failed call changes nothing.
 //
-// A VM's chain checks, in order: source MAC and address (bridge family),
-// non-IPv4 traffic (dropped), the allowlist (accepted), protected networks
-// (dropped), and finally the default policy: drop for deny-all, or fall
-// through to the base chain's accept for allow-all. In the inet family a
+// A VM's chain checks, in order: in the bridge family the source MAC, ARP
+// (accepted when its sender address is the VM's own) and the IPv4 source
+// address; then non-IPv4 traffic (dropped), the allowlist (accepted),
+// protected networks (dropped), and finally the default policy. That is drop
+// for deny-all, or a fall through to the base chain's accept for allow-all. In the inet family a
 // packet from a VM addressed to the host itself is dropped after the VM's
 // chain unless the chain accepted it.
 //
@@ -93,9 +94,9 @@ type VMPolicy struct {
 	// Iface is the host interface the VM's packets arrive on: its TAP in
 	// bridge mode, the host side of its veth pair in slot mode.
 	Iface string
-	// MAC and IP, when set, drop frames from Iface with another source MAC
-	// or IPv4 source address, so a guest cannot pose as another one. Only
-	// FamilyBridge uses them.
+	// MAC and IP, when set, drop frames from Iface with another source MAC,
+	// ARP sender address or IPv4 source address, so a guest cannot pose as
+	// another one. Only FamilyBridge uses them.
 	MAC net.HardwareAddr
 	IP  netip.Addr
 	// Allow lists what the VM may reach. It is checked first, so it can
@@ -197,13 +198,10 @@ func ensureBase(c *nftables.Conn, fam Family) (table *nftables.Table, in, fwd *n
 			Hooknum: base.hook, Priority: nftables.ChainPriorityFilter, Policy: &accept,
 		})
 		c.FlushChain(ch)
-		if fam == FamilyBridge {
-			// ARP must reach the gateway and other guests. The kernel on
-			// the project's hosts has no bridge conntrack, so there is no
-			// ct rule here.
-			c.AddRule(&nftables.Rule{Table: table, Chain: ch, UserData: []byte(tagStatic),
-				Exprs: join(matchEtherType(expr.CmpOpEq, unix.ETH_P_ARP), []expr.Any{verdict(expr.VerdictAccept)})})
-		} else {
+		// The kernel on the project's hosts has no bridge conntrack, so
+		// the bridge family has no ct rule. ARP there is checked in each
+		// VM's chain.
+		if fam == FamilyINet {
 			c.AddRule(&nftables.Rule{Table: table, Chain: ch, UserData: []byte(tagStatic),
 				Exprs: join(matchCtEstablished(), []expr.Any{verdict(expr.VerdictAccept)})})
 		}
@@ -222,6 +220,15 @@ func vmRules(p *VMPolicy) [][]expr.Any {
 	if p.Family == FamilyBridge && p.MAC != nil {
 		rules = append(rules, join(matchEtherSrcNot(p.MAC), drop))
 	}
+	if p.Family == FamilyBridge {
+		// ARP must reach the gateway and other guests, but only with
+		// the VM's own address as sender, so no guest can claim
+		// another's address in the neighbour tables.
+		if p.IP.IsValid() {
+			rules = append(rules, join(matchEtherType(expr.CmpOpEq, unix.ETH_P_ARP), matchAddr(arpSenderIPOffset, expr.CmpOpNeq, p.IP), drop))
+		}
+		rules = append(rules, join(matchEtherType(expr.CmpOpEq, unix.ETH_P_ARP), accept))
+	}
 	// Only IPv4 is routed for guests; IPv6 would bypass the IPv4 rules.
 	rules = append(rules, join(matchEtherType(expr.CmpOpNeq, unix.ETH_P_IP), drop))
 	if p.Family == FamilyBridge && p.IP.IsValid() {
@@ -239,8 +246,9 @@ func vmRules(p *VMPolicy) [][]expr.Any {
 	return rules
 }
 
-// InstallVM installs or replaces the egress policy of VM p.VMID. The VM's
-// previous rules, in either family, are replaced in the same batch.
+// InstallVM installs or replaces the egress policy of VM p.VMID. Its
+// previous rules in p.Family are replaced in one batch. Rules it had in the
+// other family are removed first, in a batch of their own.
 func (f *Firewall) InstallVM(p VMPolicy) error {
 	if err := p.Validate(); err != nil {
 		return fmt.Errorf("install firewall for vm %s: %w", p.VMID, err)
@@ -253,9 +261,9 @@ func (f *Firewall) InstallVM(p VMPolicy) error {
 		return fmt.Errorf("install firewall for vm %s: %w", p.VMID, err)
 	}
 	defer done()
-	// A VM that moved between modes has rules in the other family: remove
-	// them first, in their own batch, because one batch holds one table's
-	// lookups consistently.
+	// A VM that moved between modes has rules in the other family. They
+	// are removed in their own batch, because the rule handles for each
+	// batch are read before it is sent.
 	for _, fam := range families {
 		if fam != p.Family {
 			if err := removeVMLocked(c, fam, p.VMID); err != nil {

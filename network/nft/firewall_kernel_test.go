@@ -2,12 +2,14 @@ package nft_test
 
 import (
 	"errors"
+	"net"
 	"net/netip"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
 
 	"github.com/embervm/ember/network/networktest"
 	"github.com/embervm/ember/network/nft"
@@ -311,4 +313,51 @@ func countRulesIn(t *testing.T, ns string, fam nftables.TableFamily, table, chai
 		t.Fatalf("list rules of %s: %v", chain, err)
 	}
 	return len(rules)
+}
+
+func TestARPSpoofDropped(t *testing.T) {
+	top := newBridgeTopology(t)
+	fw := nft.New(top.host)
+	t.Cleanup(func() { fw.Teardown() })
+	macA, _ := net.ParseMAC("06:00:0a:32:00:02")
+	macB, _ := net.ParseMAC("06:00:0a:32:00:03")
+	ga := &networktest.Guest{Name: "a", Path: top.guestA}
+	gb := &networktest.Guest{Name: "b", Path: top.guestB}
+	ga.Configure(t, netip.MustParsePrefix("10.50.0.2/24"), netip.MustParseAddr("10.50.0.1"), macA)
+	gb.Configure(t, netip.MustParsePrefix("10.50.0.3/24"), netip.MustParseAddr("10.50.0.1"), macB)
+
+	p := policyA(nft.FamilyBridge, false)
+	p.MAC = macA
+	p.Protected = nil
+	if err := fw.InstallVM(p); err != nil {
+		t.Fatalf("InstallVM: %v", err)
+	}
+	// B talks to the host, so the host's neighbour table maps B's address
+	// to B's MAC.
+	expectReach(t, top.guestB, "10.60.0.3:8080")
+	if got := neighbourMAC(t, top.host, "10.50.0.3"); got.String() != macB.String() {
+		t.Fatalf("host neighbour for 10.50.0.3 = %v, want %v", got, macB)
+	}
+
+	// A claims B's address. Its ARP and IPv4 packets must not get
+	// through, and the host must keep B's MAC.
+	ga.Configure(t, netip.MustParsePrefix("10.50.0.3/24"), netip.MustParseAddr("10.50.0.1"), macA)
+	expectBlocked(t, top.guestA, "10.60.0.3:8080")
+	if got := neighbourMAC(t, top.host, "10.50.0.3"); got.String() != macB.String() {
+		t.Errorf("host neighbour for 10.50.0.3 = %v after A's claim, want B's %v", got, macB)
+	}
+}
+
+func neighbourMAC(t *testing.T, ns, ip string) net.HardwareAddr {
+	t.Helper()
+	neighs, err := networktest.Handle(t, ns).NeighList(0, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range neighs {
+		if n.IP.String() == ip {
+			return n.HardwareAddr
+		}
+	}
+	return nil
 }
