@@ -617,3 +617,37 @@ func TestNewManagerRejectsBadNetworks(t *testing.T) {
 		t.Errorf("NewManager error = %v, want ErrSubnetOverlap", err)
 	}
 }
+
+func TestAttachConcurrentUnique(t *testing.T) {
+	e := newFakeEnv(t)
+	ctx := context.Background()
+	const n = 20
+	results := make(chan network.Attachment, n)
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			a, err := e.mgr.Attach(ctx, fmt.Sprintf("vm-%02d", i), "pool", network.AttachOptions{})
+			if err != nil {
+				errs <- err
+				return
+			}
+			results <- a
+		}()
+	}
+	addrs, macs, taps := map[netip.Prefix]bool{}, map[string]bool{}, map[string]bool{}
+	for range n {
+		select {
+		case err := <-errs:
+			t.Fatalf("Attach: %v", err)
+		case a := <-results:
+			if addrs[a.Lease.Address] || macs[a.Lease.MAC] || taps[a.Lease.TAP] {
+				t.Errorf("duplicate identity %s %s %s", a.Lease.Address, a.Lease.MAC, a.Lease.TAP)
+			}
+			addrs[a.Lease.Address], macs[a.Lease.MAC], taps[a.Lease.TAP] = true, true, true
+		}
+	}
+	leases, err := e.store.List()
+	if err != nil || len(leases) != n {
+		t.Errorf("store has %d leases, %v; want %d", len(leases), err, n)
+	}
+}
