@@ -18,8 +18,8 @@ const MaxHostnameLength = 64
 type GuestAddressing struct {
 	// Interface is the guest's device name, such as "eth0".
 	Interface string `json:"interface"`
-	// MAC is six colon-separated hex pairs of a locally administered
-	// unicast address.
+	// MAC is the guest device's address, six colon-separated hex pairs. The
+	// guest agent finds the interface to configure by it.
 	MAC string `json:"mac"`
 	// Address is the guest's address with the subnet's prefix length.
 	Address  netip.Prefix `json:"address"`

@@ -6,8 +6,11 @@
 //
 //   - Bridge mode: every VM's TAP is a port of one Ember bridge, which holds
 //     the gateway address (the first address of Subnet). Each VM leases its
-//     own address and MAC, and the guest learns them from the kernel's ip=
-//     argument at cold boot or from the agent after a restore or handoff.
+//     own address and MAC. The VMM gives the guest device the MAC, and the
+//     guest learns its address from the kernel's ip= argument at cold boot or
+//     from the agent after a restore or handoff. A snapshot carries its
+//     guest's MAC, so only one clone of a snapshot fits on a bridge
+//     ([ErrMACInUse]); slot mode is for clones.
 //   - Slot mode: every VM's TAP, always named tap0, lives in its own network
 //     namespace (a slot) where the guest has the same address as in every
 //     other slot. A veth pair joins the slot to the host, and NAT inside the

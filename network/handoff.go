@@ -16,8 +16,10 @@ var ErrModeChange = fmt.Errorf("handoff between bridge and slot networks: %w", v
 // Handoff gives the running VM leased as fromID a new identity toID in
 // network netName without touching the VMM. The TAP keeps its name and its
 // open file, and is re-attached to the target network's bridge or moved into
-// a new slot namespace. The tenant gets a fresh lease (address, MAC, slot)
-// and its own egress rules, and fromID's lease and rules are removed. The
+// a new slot namespace. The tenant gets a fresh lease (address in bridge
+// mode, slot in slot mode) and its own egress rules, and fromID's lease and
+// rules are removed. The MAC is the guest device's and stays, so
+// o.MAC is ignored. The
 // caller then reconfigures the guest with the returned Addressing through
 // the agent.
 //
@@ -64,6 +66,7 @@ func (m *Manager) Handoff(ctx context.Context, fromID, toID, netName string, o A
 		if err != nil {
 			return nil, nil, err
 		}
+		to.MAC = from.MAC
 		if n.Mode == ModeBridge {
 			to.TAP = from.TAP
 		}

@@ -23,6 +23,9 @@ var (
 	// host namespace, it is off, and Ember may not turn it on.
 	ErrIPForwardingDisabled = errors.New("ipv4 forwarding is disabled")
 	ErrAttached             = fmt.Errorf("network already attached: %w", vm.ErrAlreadyExists)
+	// ErrMACInUse means another VM on the same bridge has the MAC that a
+	// caller asked for.
+	ErrMACInUse = errors.New("mac address in use")
 )
 
 const (
@@ -145,6 +148,12 @@ type AttachOptions struct {
 	Allow []nft.Rule
 	// Hostname is passed to the guest; "" leaves it unset.
 	Hostname string
+	// MAC is the guest device's MAC when the caller must keep it, such as
+	// a VM restored from a snapshot, which carries its MAC. "" derives one
+	// from the leased address. In bridge mode it must be unique on the
+	// bridge, because the guest agent finds interfaces by MAC and does not
+	// change them.
+	MAC string
 }
 
 func (o AttachOptions) validate() error {
@@ -153,6 +162,11 @@ func (o AttachOptions) validate() error {
 	}
 	if len(o.Hostname) > MaxHostnameLength || strings.ContainsAny(o.Hostname, ": \t\n\x00") {
 		return fmt.Errorf("hostname %q is invalid: at most %d bytes without ':' or spaces", o.Hostname, MaxHostnameLength)
+	}
+	if o.MAC != "" {
+		if _, err := parseMAC(o.MAC); err != nil {
+			return fmt.Errorf("%w: use six hex pairs of a unicast address such as 06:00:0a:00:00:02", err)
+		}
 	}
 	return nil
 }
@@ -306,6 +320,13 @@ func (m *Manager) newLease(vmID string, n Network, o AttachOptions, leases []Lea
 			return Lease{}, err
 		}
 		l.MAC = macFor(macKindBridge, l.Address.Addr())
+		if o.MAC != "" {
+			mac, _ := parseMAC(o.MAC)
+			l.MAC = mac.String()
+			if i := slices.IndexFunc(leases, func(x Lease) bool { return x.Network == n.Name && x.MAC == l.MAC }); i >= 0 {
+				return Lease{}, fmt.Errorf("%w: %s belongs to vm %s on bridge %s", ErrMACInUse, l.MAC, leases[i].VMID, n.Bridge)
+			}
+		}
 		l.TAP, err = pickName(tapPrefix, vmID, leases, hostLinks)
 		return l, err
 	}
@@ -317,6 +338,11 @@ func (m *Manager) newLease(vmID string, n Network, o AttachOptions, leases []Lea
 	l.Address = netip.PrefixFrom(addrAt(n.GuestSubnet, 2), n.GuestSubnet.Bits())
 	l.Gateway = addrAt(n.GuestSubnet, 1)
 	l.MAC = macFor(macKindSlot, l.SlotAddr)
+	if o.MAC != "" {
+		// Every slot is its own link layer, so clones may share a MAC.
+		mac, _ := parseMAC(o.MAC)
+		l.MAC = mac.String()
+	}
 	l.TAP = slotTAPName
 	l.NetNS = m.prefix + vmID
 	l.HostVeth, err = pickName(vethPrefix, vmID, leases, hostLinks)

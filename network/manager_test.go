@@ -386,8 +386,11 @@ func TestHandoffBridge(t *testing.T) {
 	if tap, _ := e.kernel.Link("", ten.Lease.TAP); tap.Master != "embr-br" {
 		t.Errorf("TAP master = %q, want embr-br", tap.Master)
 	}
-	if ten.Lease.Address == pool.Lease.Address || ten.Lease.MAC == pool.Lease.MAC {
-		t.Errorf("tenant kept the pool identity: %s %s", ten.Lease.Address, ten.Lease.MAC)
+	if ten.Lease.Address == pool.Lease.Address {
+		t.Errorf("tenant kept the pool address %s", ten.Lease.Address)
+	}
+	if ten.Lease.MAC != pool.Lease.MAC {
+		t.Errorf("MAC changed from %s to %s; the guest device keeps its MAC", pool.Lease.MAC, ten.Lease.MAC)
 	}
 	if _, ok := e.fw.Policy("pool-1"); ok {
 		t.Error("pool rules still installed")
@@ -649,5 +652,34 @@ func TestAttachConcurrentUnique(t *testing.T) {
 	leases, err := e.store.List()
 	if err != nil || len(leases) != n {
 		t.Errorf("store has %d leases, %v; want %d", len(leases), err, n)
+	}
+}
+
+func TestAttachGivenMAC(t *testing.T) {
+	e := newFakeEnv(t)
+	ctx := context.Background()
+	snapshotMAC := "06:AA:00:00:00:01"
+	a, err := e.mgr.Attach(ctx, "clone-1", "br", network.AttachOptions{MAC: snapshotMAC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Lease.MAC != "06:aa:00:00:00:01" {
+		t.Errorf("MAC = %s, want the given one in canonical form", a.Lease.MAC)
+	}
+	before := e.snapshot(t)
+	if _, err := e.mgr.Attach(ctx, "clone-2", "br", network.AttachOptions{MAC: snapshotMAC}); !errors.Is(err, network.ErrMACInUse) {
+		t.Errorf("second clone on the bridge: %v, want ErrMACInUse", err)
+	}
+	if after := e.snapshot(t); after != before {
+		t.Error("a rejected Attach changed state")
+	}
+	// Slots are separate link layers, so clones may share the MAC.
+	for _, id := range []string{"slot-1", "slot-2"} {
+		if _, err := e.mgr.Attach(ctx, id, "sl", network.AttachOptions{MAC: snapshotMAC}); err != nil {
+			t.Errorf("Attach %s in slot mode: %v", id, err)
+		}
+	}
+	if _, err := e.mgr.Attach(ctx, "bad", "br", network.AttachOptions{MAC: "01:00:5e:00:00:01"}); err == nil {
+		t.Error("multicast MAC accepted")
 	}
 }
