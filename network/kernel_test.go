@@ -31,6 +31,7 @@ type kernelEnv struct {
 var allowWorld = []nft.Rule{{Dest: netip.MustParsePrefix("10.60.0.2/32"), Protocol: nft.ProtocolTCP, Port: 8080}}
 
 func newKernelEnv(t *testing.T) *kernelEnv {
+	t.Helper()
 	networktest.RequireKernel(t)
 	networktest.CheckNoNamespaceLeaks(t, networktest.Prefix)
 	e := &kernelEnv{dbPath: filepath.Join(t.TempDir(), "leases.db")}

@@ -44,6 +44,7 @@ func (k *GuestKernel) CreateTAP(ns string, spec network.TAPSpec) error {
 	if slices.ContainsFunc(links, func(l network.Link) bool { return l.Name == spec.Name }) {
 		return fmt.Errorf("create tap %s: %w", spec.Name, network.ErrLinkExists)
 	}
+
 	target := ns
 	if target == "" {
 		target = k.hostPath
@@ -54,6 +55,7 @@ func (k *GuestKernel) CreateTAP(ns string, spec network.TAPSpec) error {
 		return err
 	}
 	defer peer.Close()
+
 	h := Handle(k.t, target)
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: spec.Name, MTU: spec.MTU},
@@ -67,6 +69,7 @@ func (k *GuestKernel) CreateTAP(ns string, spec network.TAPSpec) error {
 		return err
 	}
 	Up(k.t, path, "eth0")
+
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.guests[strings.TrimPrefix(spec.Alias, "ember:")] = &Guest{Name: name, Path: path}

@@ -11,11 +11,12 @@
 // for replacement or removal. Every change is one netlink batch, which the
 // kernel applies atomically, so a failed call changes nothing.
 //
-// A VM's chain checks, in order: in the bridge family the source MAC, ARP
-// (accepted when its sender address is the VM's own) and the IPv4 source
-// address; then non-IPv4 traffic (dropped), the allowlist (accepted),
-// protected networks (dropped), and finally the default policy. That is drop
-// for deny-all, or a fall through to the base chain's accept for allow-all. In the inet family a
+// A VM's chain first checks, in the bridge family only, the source MAC, then
+// ARP, which it accepts when the sender address is the VM's own, then the
+// IPv4 source address. In both families it then drops non-IPv4 traffic,
+// accepts what the allowlist matches and drops traffic to protected
+// networks. Last comes the default policy: drop for deny-all, or a fall
+// through to the base chain's accept for allow-all. In the inet family a
 // packet from a VM addressed to the host itself is dropped after the VM's
 // chain unless the chain accepted it.
 //

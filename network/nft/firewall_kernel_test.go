@@ -18,14 +18,15 @@ import (
 const dialTimeout = time.Second
 
 // bridgeTopology is a host namespace with bridge br0 (10.50.0.1/24) and two
-// fake guests on it, A (10.50.0.2) and B (10.50.0.3), whose host ends are
-// tapa and tapb, plus a world namespace behind uplink up0 (host
-// 10.60.0.1/24) with servers on 10.60.0.2 and 10.60.0.3.
+// fake guests on it: A (10.50.0.2) on port tapa and B (10.50.0.3) on port
+// tapb. Behind uplink up0 (host 10.60.0.1/24) is a world namespace with
+// servers on 10.60.0.2 and 10.60.0.3.
 type bridgeTopology struct {
 	host, guestA, guestB, world string
 }
 
 func newBridgeTopology(t *testing.T) *bridgeTopology {
+	t.Helper()
 	networktest.RequireKernel(t)
 	networktest.CheckNoNamespaceLeaks(t, networktest.Prefix)
 	var top bridgeTopology
