@@ -331,3 +331,23 @@ func (p *problems) err() error {
 	}
 	return &ValidationError{Problems: p.list}
 }
+
+// Validate checks the fields that d sets; zero values are valid because
+// they select the built-in defaults.
+func (d *Defaults) Validate() error {
+	var errs problems
+	for _, f := range []struct{ name, path string }{{"kernel", d.Kernel}, {"initrd", d.Initrd}, {"rootfs", d.Rootfs}} {
+		if f.path != "" {
+			validatePath(&errs, f.name, f.path)
+		}
+	}
+	if d.VCPUCount != 0 {
+		validateVCPUCount(&errs, d.VCPUCount)
+	}
+	if d.MemSizeMiB != 0 {
+		validateMemSize(&errs, d.MemSizeMiB)
+	}
+	validateBootArgs(&errs, d.BootArgs)
+	validateRateLimiter(&errs, "rootfs_rate_limit", d.RootfsRateLimit)
+	return errs.err()
+}
