@@ -44,6 +44,15 @@ func ParseVersion(s string) (Version, error) {
 	return Version{nums[0], nums[1], nums[2]}, nil
 }
 
+// MustParse is ParseVersion for constants; it panics on invalid text.
+func MustParse(s string) Version {
+	v, err := ParseVersion(s)
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
 // String formats v as major.minor.patch.
 func (v Version) String() string {
 	return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Patch)
