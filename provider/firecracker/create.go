@@ -218,13 +218,13 @@ func (p *Provider) configure(ctx context.Context, m *machine, cfg vm.Config) err
 	}
 
 	paths := m.pathMapper()
-	kernel, err := paths(cfg.Kernel)
+	kernel, err := paths(cfg.Kernel, "vmlinux", false)
 	if err != nil {
 		return err
 	}
 	boot := fcapi.BootSource{KernelImagePath: kernel, BootArgs: cfg.BootArgs}
 	if cfg.Initrd != "" {
-		if boot.InitrdPath, err = paths(cfg.Initrd); err != nil {
+		if boot.InitrdPath, err = paths(cfg.Initrd, "initrd", false); err != nil {
 			return err
 		}
 	}
@@ -233,7 +233,7 @@ func (p *Provider) configure(ctx context.Context, m *machine, cfg vm.Config) err
 	}
 
 	for _, d := range cfg.Drives() {
-		path, err := paths(d.PathOnHost)
+		path, err := paths(d.PathOnHost, driveName(d.ID), !d.IsReadOnly)
 		if err != nil {
 			return err
 		}
@@ -336,7 +336,7 @@ func (p *Provider) patchState(ctx context.Context, id string, op vm.Op, state st
 // apiFailure adds errNotRunning to err when the process has died, so the
 // caller can tell a dead VMM from a rejected request.
 func (p *Provider) apiFailure(m *machine, err error) error {
-	if m.proc != nil && !m.proc.alive() {
+	if m.proc != nil && !m.vmmAlive() {
 		return errors.Join(err, errNotRunning)
 	}
 	return err

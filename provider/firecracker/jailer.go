@@ -63,6 +63,9 @@ type jail struct {
 	// pid file; the jailer process itself is not Firecracker.
 	firecrackerPID int
 	pidfd          int
+	// exited is closed when the jailed Firecracker exits; nil when the
+	// spawned child is Firecracker itself.
+	exited chan struct{}
 	staged         map[string]string
 }
 
@@ -167,14 +170,9 @@ func (j *jail) spawnOptions(direct spawnOptions) (spawnOptions, string, string, 
 			return spawnOptions{}, "", "", fmt.Errorf("jailer: %w", err)
 		}
 	}
-	var id string
-	for i, a := range direct.args {
-		if a == "--id" && i+1 < len(direct.args) {
-			id = direct.args[i+1]
-		}
-	}
+	// The jailer passes --id itself, and Firecracker rejects a second one.
 	fcArgs := []string{
-		"--api-sock", "/run/" + apiSocketName, "--id", id,
+		"--api-sock", "/run/" + apiSocketName,
 		"--log-path", "/run/" + vmmLogName, "--metrics-path", "/run/" + metricsName,
 	}
 	out := direct
@@ -201,8 +199,20 @@ func (j *jail) waitFirecracker(ctx context.Context, proc *process, timeout time.
 			pid, perr := strconv.Atoi(strings.TrimSpace(string(data)))
 			if perr == nil && pid > 0 {
 				j.firecrackerPID = pid
-				if fd, err := unix.PidfdOpen(pid, 0); err == nil {
-					j.pidfd = fd
+				fd, err := unix.PidfdOpen(pid, 0)
+				if err != nil {
+					return fmt.Errorf("jailer: open pidfd of firecracker %d: %w", pid, err)
+				}
+				j.pidfd = fd
+				if pid != proc.pid() {
+					// The jailer forked into a new PID namespace, so watch
+					// the real Firecracker through its pidfd.
+					j.exited = make(chan struct{})
+					go func() {
+						defer close(j.exited)
+						for !j.waitFirecrackerExit(time.Hour) {
+						}
+					}()
 				}
 				return nil
 			}
@@ -238,13 +248,14 @@ func (j *jail) waitFirecrackerExit(d time.Duration) bool {
 	return err == nil && n > 0
 }
 
-// stage makes a host file visible inside the jail and returns its path
-// there.
-func (j *jail) stage(hostPath string, writable bool) (string, error) {
-	if p, ok := j.staged[hostPath]; ok {
+// stage makes a host file visible inside the jail at /name and returns
+// that path. Names are fixed per role (kernel, drive id), so a snapshot
+// taken in one jail finds its drives at the same paths in the next.
+func (j *jail) stage(hostPath, name string, writable bool) (string, error) {
+	inJail := "/" + name
+	if p, ok := j.staged[hostPath]; ok && p == inJail {
 		return p, nil
 	}
-	inJail := "/" + strconv.Itoa(len(j.staged)) + "-" + filepath.Base(hostPath)
 	dst := j.hostPath(inJail)
 	if err := linkOrCopy(hostPath, dst, j.cfg.UID, j.cfg.GID, writable); err != nil {
 		return "", fmt.Errorf("jailer: stage %s: %w", hostPath, err)
@@ -348,11 +359,11 @@ func (j *jail) collectSnapshot(statePath, memPath string) error {
 
 // stageSnapshot stages a snapshot's files for a load inside the jail.
 func (j *jail) stageSnapshot(statePath, memPath string) (string, string, error) {
-	s, err := j.stage(statePath, false)
+	s, err := j.stage(statePath, "snapshot-"+snapStateName, false)
 	if err != nil {
 		return "", "", err
 	}
-	mem, err := j.stage(memPath, false)
+	mem, err := j.stage(memPath, "snapshot-"+snapMemoryName, false)
 	if err != nil {
 		return "", "", err
 	}
@@ -361,6 +372,12 @@ func (j *jail) stageSnapshot(statePath, memPath string) (string, string, error) 
 
 // teardown removes the chroot and the VM's cgroups.
 func (j *jail) teardown() error {
+	if j.exited != nil {
+		select {
+		case <-j.exited:
+		case <-time.After(termGrace):
+		}
+	}
 	if j.pidfd >= 0 {
 		unix.Close(j.pidfd)
 		j.pidfd = -1
@@ -390,13 +407,17 @@ func (j *jail) teardown() error {
 }
 
 // pathMapper returns the function that turns a host path into the path
-// Firecracker should open: the path itself, or its staged copy in the jail.
-func (m *machine) pathMapper() func(string) (string, error) {
+// Firecracker should open: the path itself, or its copy staged in the jail
+// under name.
+func (m *machine) pathMapper() func(path, name string, writable bool) (string, error) {
 	if m.jail == nil {
-		return func(p string) (string, error) { return p, nil }
+		return func(p, _ string, _ bool) (string, error) { return p, nil }
 	}
-	return func(p string) (string, error) { return m.jail.stage(p, true) }
+	return m.jail.stage
 }
+
+// driveName is the name under which a drive is staged in a jail.
+func driveName(id string) string { return "drive-" + id }
 
 // socketPathInJail returns the path Firecracker should use for a Unix
 // socket whose host path is hostPath. In a jail the socket lives in the

@@ -37,13 +37,13 @@ func (p *Provider) Shutdown(ctx context.Context, id string, grace time.Duration)
 	m.mu.Unlock()
 
 	exited := false
-	if wasRunning && m.proc.alive() {
+	if wasRunning && m.vmmAlive() {
 		if err := m.client.Action(ctx, fcapi.ActionSendCtrlAltDel); err != nil {
 			p.log.Warn("send ctrl-alt-del failed, stopping by signal", "vm", id, "err", err)
 		} else {
 			t := time.NewTimer(grace)
 			select {
-			case <-m.proc.exited:
+			case <-m.vmmExited():
 				exited = true
 			case <-ctx.Done():
 			case <-t.C:

@@ -271,10 +271,40 @@ func (m *machine) info() vm.Info {
 		ID: m.id, Backend: BackendName, State: m.state, Config: m.cfg.Clone(),
 		CreatedAt: m.createdAt, Reason: m.reason,
 	}
-	if m.proc != nil && m.proc.alive() {
+	if m.proc != nil && m.vmmAlive() {
 		info.PID = m.pid()
 	}
 	return info
+}
+
+// vmmExited returns a channel closed when the real Firecracker process
+// exits: the spawned child, or under a jailer with a new PID namespace, the
+// process named by the jail's pid file.
+func (m *machine) vmmExited() <-chan struct{} {
+	if m.jail != nil && m.jail.exited != nil {
+		return m.jail.exited
+	}
+	return m.proc.exited
+}
+
+// vmmAlive reports whether the real Firecracker process runs.
+func (m *machine) vmmAlive() bool {
+	select {
+	case <-m.vmmExited():
+		return false
+	default:
+		return true
+	}
+}
+
+// vmmExitedCleanly reports whether Firecracker exited with status 0. The
+// status of a jailed Firecracker in its own PID namespace is unknown, so
+// its exit counts as a failure.
+func (m *machine) vmmExitedCleanly() bool {
+	if m.jail != nil && m.jail.exited != nil {
+		return false
+	}
+	return m.proc.state.Success()
 }
 
 func (m *machine) pid() int {
@@ -317,14 +347,14 @@ func (m *machine) currentID() string {
 // watch moves the VM to stopped or failed when its process exits on its
 // own. A guest power-off makes Firecracker exit with status 0.
 func (p *Provider) watch(m *machine) {
-	<-m.proc.exited
+	<-m.vmmExited()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.stopping || m.state == vm.StateDestroyed || m.state == vm.StateStopped {
 		return
 	}
 	desc := m.proc.exitDescription()
-	if m.state == vm.StateRunning && m.proc.state.Success() {
+	if m.state == vm.StateRunning && m.vmmExitedCleanly() {
 		if err := m.transitionLocked(vm.OpGuestExit); err == nil {
 			m.reason = "guest powered off"
 			p.log.Info("guest powered off", "vm", m.id)

@@ -459,6 +459,13 @@ func (p *Provider) restore(ctx context.Context, m *machine, cfg vm.Config, snap 
 
 	statePath := snap.Info.StatePath
 	if m.jail != nil {
+		// The snapshot refers to its drives by their paths in the old jail,
+		// which are the same names in this one.
+		for _, d := range snap.Config.Drives() {
+			if _, err := m.jail.stage(d.PathOnHost, driveName(d.ID), !d.IsReadOnly); err != nil {
+				return err
+			}
+		}
 		var err error
 		if statePath, memPath, err = m.jail.stageSnapshot(statePath, memPath); err != nil {
 			return err
