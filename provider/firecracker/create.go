@@ -25,7 +25,7 @@ const (
 
 // Create starts a Firecracker process for cfg and configures it. A cold
 // boot leaves the VM created; a restore leaves it paused, or running when
-// cfg.RestoreFrom asks to resume. A failed Create leaves no process, socket
+// cfg.RestoreFrom requests a resume. A failed Create leaves no process, socket
 // or run directory behind.
 func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	if err := cfg.Validate(); err != nil {

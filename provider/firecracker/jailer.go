@@ -66,7 +66,7 @@ type jail struct {
 	// exited is closed when the jailed Firecracker exits; nil when the
 	// spawned child is Firecracker itself.
 	exited chan struct{}
-	staged         map[string]string
+	staged map[string]string
 }
 
 func (p *Provider) newJail(cfg vm.Config, runDir string) (*jail, error) {

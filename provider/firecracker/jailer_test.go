@@ -170,4 +170,3 @@ func TestRealJailer(t *testing.T) {
 		})
 	}
 }
-

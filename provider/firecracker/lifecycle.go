@@ -17,7 +17,7 @@ import (
 // termGrace is how long Shutdown waits after SIGTERM before SIGKILL.
 const termGrace = 2 * time.Second
 
-// Shutdown asks the guest to power off with SendCtrlAltDel (x86) and waits
+// Shutdown requests a guest power-off with SendCtrlAltDel (x86) and waits
 // up to grace for Firecracker to exit, then sends SIGTERM, then SIGKILL. A
 // cancelled ctx skips to the forced stop. The VM ends stopped.
 func (p *Provider) Shutdown(ctx context.Context, id string, grace time.Duration) error {

@@ -72,7 +72,7 @@ type Config struct {
 	// RestoreMemory selects the memory backend of restores; "" means
 	// MemoryFile.
 	RestoreMemory MemoryBackend
-	// KernelNeedsACPI says that the guest kernel finds virtio devices only
+	// KernelNeedsACPI means that the guest kernel finds virtio devices only
 	// through ACPI (it lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). Creating a
 	// VM with devices then needs Firecracker 1.8 or later.
 	KernelNeedsACPI bool

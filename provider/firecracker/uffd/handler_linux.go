@@ -21,15 +21,15 @@ import (
 // userfaultfd ioctls and events from linux/userfaultfd.h (x86-64 and arm64
 // share these values).
 const (
-	uffdAPI           = 0xAA
-	ioctlAPI          = 0xC018AA3F // _IOWR(0xAA, 0x3F, struct uffdio_api)
-	ioctlRegister     = 0xC020AA00 // _IOWR(0xAA, 0x00, struct uffdio_register)
-	ioctlCopy         = 0xC028AA03 // _IOWR(0xAA, 0x03, struct uffdio_copy)
-	ioctlZeropage     = 0xC020AA04 // _IOWR(0xAA, 0x04, struct uffdio_zeropage)
-	registerMissing   = 1
-	eventPagefault    = 0x12
-	eventRemove       = 0x15
-		msgSize           = 32 // sizeof(struct uffd_msg)
+	uffdAPI         = 0xAA
+	ioctlAPI        = 0xC018AA3F // _IOWR(0xAA, 0x3F, struct uffdio_api)
+	ioctlRegister   = 0xC020AA00 // _IOWR(0xAA, 0x00, struct uffdio_register)
+	ioctlCopy       = 0xC028AA03 // _IOWR(0xAA, 0x03, struct uffdio_copy)
+	ioctlZeropage   = 0xC020AA04 // _IOWR(0xAA, 0x04, struct uffdio_zeropage)
+	registerMissing = 1
+	eventPagefault  = 0x12
+	eventRemove     = 0x15
+	msgSize         = 32 // sizeof(struct uffd_msg)
 )
 
 type uffdioCopy struct {
