@@ -94,6 +94,7 @@ func (a *app) rootCommand() *cobra.Command {
 		a.specCommand(),
 		a.snapshotCommand(),
 		newImageCommand(a),
+		a.runCommand(),
 	)
 	return root
 }
@@ -160,4 +161,14 @@ func group(cmd *cobra.Command) *cobra.Command {
 		return cmd.Help()
 	}
 	return cmd
+}
+
+// progressf reports progress of a long command: on stdout in text mode, on
+// stderr when stdout carries JSON.
+func (a *app) progressf(format string, args ...any) {
+	w := a.stdout
+	if a.jsonOutput() {
+		w = a.stderr
+	}
+	fmt.Fprintf(w, format, args...)
 }

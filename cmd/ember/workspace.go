@@ -1,0 +1,111 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+
+	"github.com/embervm/ember/config"
+	"github.com/embervm/ember/image"
+	"github.com/embervm/ember/provider/firecracker"
+	"github.com/embervm/ember/provider/qemu"
+	"github.com/embervm/ember/vm"
+)
+
+// backendFlag validates a --backend value; empty means the configured
+// default.
+func backendName(flag string, cfg *config.Config) (string, error) {
+	name := flag
+	if name == "" {
+		name = cfg.Backend
+	}
+	switch name {
+	case "qemu", "firecracker":
+		return name, nil
+	}
+	return "", usageError{fmt.Errorf("--backend %q is invalid, use \"qemu\" or \"firecracker\"", name)}
+}
+
+// newProvider builds the provider for a backend from the configuration.
+// Run-time files go under <run_dir>/<backend>, snapshots under
+// <state_dir>/<backend>-snapshots.
+func newProvider(ctx context.Context, backend string, cfg *config.Config, log *slog.Logger) (vm.Provider, error) {
+	switch backend {
+	case "qemu":
+		return qemu.New(ctx, qemu.Options{
+			Binary:      cfg.QEMU.Binary,
+			RunDir:      filepath.Join(cfg.RunDir, "qemu"),
+			SnapshotDir: filepath.Join(cfg.StateDir, "qemu-snapshots"),
+			Accel:       qemu.Accel(cfg.QEMU.Accel),
+			Logger:      log,
+		})
+	case "firecracker":
+		bin, err := exec.LookPath(cfg.Firecracker.Binary)
+		if err != nil {
+			return nil, fmt.Errorf("find firecracker binary %q: %w (set firecracker.binary or EMBER_FIRECRACKER_BINARY)", cfg.Firecracker.Binary, err)
+		}
+		fc := firecracker.Config{
+			Binary:      bin,
+			// Ember's guest bundles use Debian's cloud kernel, which finds
+			// virtio devices only through ACPI.
+			KernelNeedsACPI: true,
+			RunDir:      filepath.Join(cfg.RunDir, "firecracker"),
+			SnapshotDir: filepath.Join(cfg.StateDir, "firecracker-snapshots"),
+			Logger:      log,
+		}
+		if cfg.Firecracker.Jailer != "" {
+			fc.Jailer = &firecracker.JailerConfig{
+				Binary:        cfg.Firecracker.Jailer,
+				ChrootBaseDir: cfg.Firecracker.ChrootBaseDir,
+				UID:           cfg.Firecracker.UID,
+				GID:           cfg.Firecracker.GID,
+			}
+		}
+		return firecracker.New(fc)
+	}
+	return nil, fmt.Errorf("unknown backend %q", backend)
+}
+
+// bundleDefaults returns the workspace defaults with unset kernel, initrd
+// and rootfs taken from the guest bundle in dir, and the bundle's
+// recommended command line when the configuration keeps the built-in one.
+func bundleDefaults(cfg *config.Config, dir string, m *image.Manifest) vm.Defaults {
+	d := cfg.VMDefaults()
+	if d.Kernel == "" {
+		d.Kernel = filepath.Join(dir, image.VmlinuxFile)
+		if d.Initrd == "" {
+			d.Initrd = filepath.Join(dir, image.InitramfsFile)
+		}
+	}
+	if d.Rootfs == "" {
+		d.Rootfs = filepath.Join(dir, image.RootfsFile)
+	}
+	if d.BootArgs == vm.DefaultBootArgs {
+		if args, ok := m.BootArgs[image.ModeSwitchRoot]; ok {
+			d.BootArgs = args
+		}
+	}
+	return d
+}
+
+// defaultBundleDir is where `ember image build` puts the default bundle.
+func defaultBundleDir(cfg *config.Config) string {
+	return filepath.Join(cfg.StateDir, "images", "default")
+}
+
+// logger returns the CLI's logger: warnings and errors on stderr, or debug
+// records too when EMBER_DEBUG is set.
+func (a *app) logger() *slog.Logger {
+	level := slog.LevelWarn
+	if a.getenv("EMBER_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	w := a.stderr
+	if w == nil {
+		w = os.Stderr
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+}
