@@ -140,6 +140,8 @@ func parseIP(value string) (*IPConfig, error) {
 	switch value {
 	case "", "off", "none":
 		return nil, nil
+	case "on", "any", "dhcp", "bootp", "rarp", "both", "dhcp6", "auto6":
+		return nil, fmt.Errorf("ip=%s: autoconfiguration is not supported, only a static address with autoconf off", value)
 	}
 	parts := strings.Split(value, ":")
 	for len(parts) < 9 {
