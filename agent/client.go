@@ -488,7 +488,7 @@ func (c *Client) SetHostname(ctx context.Context, name string) error {
 	return c.Call(ctx, OpSetHostname, SetHostnameRequest{Hostname: name}, nil)
 }
 
-// Shutdown asks the agent to sync and then power off or reboot the guest,
+// Shutdown requests that the agent sync and then power off or reboot the guest,
 // with action [ActionPowerOff] or [ActionReboot]. It returns once the agent
 // has accepted the request.
 func (c *Client) Shutdown(ctx context.Context, action string) error {

@@ -803,9 +803,10 @@ func TestDialRetriesWhileGuestBoots(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
-	// The first attempts fail as a vsock CONNECT to a port nobody listens
-	// on does; the next gives a connection whose guest end stays silent for
-	// a while, as a virtio-serial port does before the guest opens it.
+	// The first attempts fail, as a vsock CONNECT to a port without a
+	// listener does. The next gives a connection whose guest end stays
+	// silent for a while, as a virtio-serial port does before the guest
+	// opens it.
 	attempts := 0
 	var serving sync.WaitGroup
 	dial := func(context.Context) (net.Conn, error) {
