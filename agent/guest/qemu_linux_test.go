@@ -3,7 +3,6 @@ package guest
 import (
 	"bytes"
 	"context"
-	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,7 +18,18 @@ import (
 // needs EMBER_AGENT_TEST_KERNEL (an uncompressed PVH vmlinux) and
 // EMBER_AGENT_TEST_INITRD (an initramfs with the agent at /init, the virtio
 // modules listed in /etc/ember/modules, and busybox's sh, uname, cat, grep and sleep in PATH).
-func TestQEMUGuest(t *testing.T) {
+// qemuGuest is a running QEMU guest and an agent client connected to it.
+type qemuGuest struct {
+	client *agent.Client
+	sock   string
+	exited chan error
+}
+
+// bootQEMUGuest boots kernel and initrd from the environment with extra
+// QEMU arguments and kernel parameters, and connects to the agent over the
+// virtio-serial port. QEMU is killed in t.Cleanup.
+func bootQEMUGuest(t *testing.T, ctx context.Context, extraArgs []string, params string) *qemuGuest {
+	t.Helper()
 	kernel, initrd := os.Getenv("EMBER_AGENT_TEST_KERNEL"), os.Getenv("EMBER_AGENT_TEST_INITRD")
 	if kernel == "" || initrd == "" {
 		t.Skip("set EMBER_AGENT_TEST_KERNEL to a PVH vmlinux and EMBER_AGENT_TEST_INITRD to an initramfs with ember-agent as /init to boot a guest")
@@ -31,41 +41,74 @@ func TestQEMUGuest(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "agent.sock")
 	console := filepath.Join(dir, "console.log")
-	cmd := exec.Command(qemu,
+	args := []string{
 		"-M", "microvm,acpi=on", "-accel", "tcg", "-m", "256", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-serial", "file:"+console,
+		"-serial", "file:" + console,
 		"-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 panic=-1 ip=10.0.2.15::10.0.2.2:255.255.255.0:agent-guest::off",
+		"-append", "console=ttyS0 panic=-1 " + params,
 		"-device", "virtio-serial-device",
-		"-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",
+		"-chardev", "socket,id=agent,path=" + sock + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=ember.agent",
-	)
+	}
+	cmd := exec.Command(qemu, append(args, extraArgs...)...)
 	var qemuOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &qemuOut, &qemuOut
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start qemu: %v", err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	g := &qemuGuest{sock: sock, exited: make(chan error, 1)}
+	go func() { g.exited <- cmd.Wait() }()
 	t.Cleanup(func() {
 		cmd.Process.Kill()
-		<-exited
+		err := <-g.exited
+		g.exited <- err
 		if t.Failed() {
 			b, _ := os.ReadFile(console)
 			t.Logf("qemu output:\n%s\nguest console:\n%s", qemuOut.String(), b)
 		}
 	})
 
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
 	start := time.Now()
 	client, err := agent.Dial(ctx, agent.UnixDialer(sock), nil)
 	if err != nil {
 		t.Fatalf("Dial: %v", err)
 	}
-	defer client.Close()
+	t.Cleanup(func() { client.Close() })
 	t.Logf("agent answered %v after qemu started", time.Since(start).Round(time.Millisecond))
+	g.client = client
+	return g
+}
+
+// powerOff shuts the guest down through the agent and waits for QEMU to
+// exit.
+func (g *qemuGuest) powerOff(t *testing.T, ctx context.Context, client *agent.Client) {
+	t.Helper()
+	if err := client.Shutdown(ctx, agent.ActionPowerOff); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	select {
+	case err := <-g.exited:
+		g.exited <- err
+		if err != nil {
+			t.Errorf("qemu exited with %v after power-off", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("guest did not power off")
+	}
+}
+
+// TestQEMUGuest boots a real guest whose initramfs has ember-agent as /init
+// and drives it over the virtio-serial port, as the QEMU provider does. It
+// needs EMBER_AGENT_TEST_KERNEL (an uncompressed PVH vmlinux) and
+// EMBER_AGENT_TEST_INITRD (an initramfs with the agent at /init, the virtio
+// modules listed in /etc/ember/modules, and busybox's sh, uname, cat, grep
+// and sleep in PATH).
+func TestQEMUGuest(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g := bootQEMUGuest(t, ctx, nil, "ip=10.0.2.15::10.0.2.2:255.255.255.0:agent-guest::off")
+	client := g.client
 
 	health, err := client.Health(ctx)
 	if err != nil {
@@ -108,7 +151,7 @@ func TestQEMUGuest(t *testing.T) {
 	// A second connection after the first closes: the port must serve the
 	// host again.
 	client.Close()
-	client2, err := agent.Dial(ctx, agent.UnixDialer(sock), nil)
+	client2, err := agent.Dial(ctx, agent.UnixDialer(g.sock), nil)
 	if err != nil {
 		t.Fatalf("Dial again: %v", err)
 	}
@@ -121,16 +164,67 @@ func TestQEMUGuest(t *testing.T) {
 		t.Errorf("zombie processes in the guest: %s", got)
 	}
 
-	if err := client2.Shutdown(ctx, agent.ActionPowerOff); err != nil {
-		t.Fatalf("Shutdown: %v", err)
+	g.powerOff(t, ctx, client2)
+}
+
+// TestQEMUGuestSwitchRoot boots with ember.mode=switchroot and an ext4 root
+// disk that the test builds with mkfs.ext4 -d, and checks that the agent
+// serves from the new root.
+func TestQEMUGuestSwitchRoot(t *testing.T) {
+	mkfs, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		t.Skip("mkfs.ext4 not found; install the e2fsprogs package")
 	}
-	select {
-	case err := <-exited:
-		exited <- err
-		if err != nil && !errors.Is(err, context.Canceled) {
-			t.Errorf("qemu exited with %v after power-off", err)
+	busybox, err := exec.LookPath("busybox")
+	if err != nil {
+		t.Skip("busybox not found; install the busybox-static package")
+	}
+	tree := t.TempDir()
+	for _, d := range []string{"bin", "etc", "proc", "sys", "dev", "tmp", "run"} {
+		if err := os.MkdirAll(filepath.Join(tree, d), 0o755); err != nil {
+			t.Fatal(err)
 		}
-	case <-ctx.Done():
-		t.Fatal("guest did not power off")
 	}
+	b, err := os.ReadFile(busybox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(tree, "bin/busybox"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"sh", "cat", "uname"} {
+		if err := os.Symlink("busybox", filepath.Join(tree, "bin", name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(tree, "etc/ember-root"), []byte("from the root disk\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(t.TempDir(), "root.ext4")
+	if out, err := exec.Command(mkfs, "-q", "-F", "-d", tree, img, "16M").CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g := bootQEMUGuest(t, ctx, []string{
+		"-drive", "file=" + img + ",if=none,id=root,format=raw",
+		"-device", "virtio-blk-device,drive=root",
+	}, "ember.mode=switchroot ember.root=/dev/vda ember.rootfstype=ext4")
+
+	var out bytes.Buffer
+	if _, err := g.client.Exec(ctx, agent.ExecRequest{Argv: []string{"cat", "/etc/ember-root"}}, agent.ExecIO{Stdout: &out}); err != nil {
+		t.Fatalf("cat /etc/ember-root: %v", err)
+	}
+	if out.String() != "from the root disk\n" {
+		t.Errorf("/etc/ember-root = %q, want the root disk's marker", out.String())
+	}
+	out.Reset()
+	if _, err := g.client.Exec(ctx, agent.ExecRequest{Argv: []string{"sh", "-c", "test -e /init && echo initramfs || echo root-disk; cat /proc/1/comm"}}, agent.ExecIO{Stdout: &out}); err != nil {
+		t.Fatalf("check root: %v", err)
+	}
+	if got := out.String(); !strings.HasPrefix(got, "root-disk\n") {
+		t.Errorf("root check printed %q, want the root disk without /init", got)
+	}
+	g.powerOff(t, ctx, g.client)
 }
