@@ -17,11 +17,6 @@ import (
 	"github.com/embervm/ember/agent"
 )
 
-// TestQEMUGuest boots a real guest whose initramfs has ember-agent as /init
-// and drives it over the virtio-serial port, as the QEMU provider does. It
-// needs EMBER_AGENT_TEST_KERNEL (an uncompressed PVH vmlinux) and
-// EMBER_AGENT_TEST_INITRD (an initramfs with the agent at /init, the virtio
-// modules listed in /etc/ember/modules, and busybox's sh, uname, cat, grep and sleep in PATH).
 // qemuGuest is a running QEMU guest and an agent client connected to it.
 type qemuGuest struct {
 	client  *agent.Client
