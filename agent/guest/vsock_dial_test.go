@@ -17,7 +17,7 @@ import (
 // TestDialThroughVsockMux runs the client against a stand-in for
 // Firecracker's host-side vsock socket: it reads the CONNECT line, closes
 // the first connections unanswered, as Firecracker does while nothing in
-// the guest listens on the port, and then answers OK and hands the stream
+// the guest listens on the port, and then replies OK and hands the stream
 // to the agent server.
 func TestDialThroughVsockMux(t *testing.T) {
 	srv, err := NewServer(Config{Root: t.TempDir()})

@@ -64,7 +64,7 @@ func main() {
 
 	logger := newLogger(os.Stderr, level)
 	if *listen == "" {
-		logger.Error("not PID 1 and no -listen socket given; nothing to serve")
+		logger.Error("nothing to serve: not running as PID 1 and no -listen socket given; pass -listen PATH to serve a Unix socket")
 		os.Exit(2)
 	}
 	srv, err := guest.NewServer(guest.Config{Root: *root, Version: version, Logger: logger})
