@@ -26,6 +26,17 @@ go vet ./...
 echo "== staticcheck"
 "$gobin/staticcheck" ./...
 
+# The end-to-end tests boot a real guest: build the agent and the guest
+# bundle once (a rebuild with unchanged inputs is a no-op) and point the
+# tests at it.
+cache="${EMBER_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ember-test}"
+mkdir -p "$cache/bin"
+echo "== guest bundle in $cache/bundle"
+CGO_ENABLED=0 go build -o "$cache/bin/ember-agent" ./cmd/ember-agent
+go build -o "$cache/bin/ember" ./cmd/ember
+EMBER_STATE_DIR="$cache/state" "$cache/bin/ember" image build --dir "$cache/bundle" --agent "$cache/bin/ember-agent"
+export EMBER_TEST_BUNDLE="$cache/bundle"
+
 echo "== go test -race"
 go test -race -count=1 -timeout 60m ./...
 

@@ -2,10 +2,12 @@ package guest
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/embervm/ember/agent"
@@ -89,7 +91,14 @@ func (s *Server) setHostname(_ *request, args json.RawMessage) (any, error) {
 	if err := sys.SetHostname(req.Hostname); err != nil {
 		return nil, fmt.Errorf("set hostname %s: %w", req.Hostname, err)
 	}
-	if err := s.writeEtcFile("/etc/hostname", req.Hostname+"\n"); err != nil {
+	err = s.writeEtcFile("/etc/hostname", req.Hostname+"\n")
+	if errors.Is(err, syscall.EROFS) {
+		// A read-only root (shared by clones) cannot record the name; the
+		// kernel's hostname, which is what programs read, is already set.
+		s.logger.Warn("hostname set, /etc/hostname not updated on a read-only root", "hostname", req.Hostname)
+		return nil, nil
+	}
+	if err != nil {
 		return nil, fmt.Errorf("set hostname %s: write /etc/hostname: %w", req.Hostname, err)
 	}
 	return nil, nil

@@ -80,12 +80,19 @@ func bundleDefaults(cfg *config.Config, dir string, m *image.Manifest) vm.Defaul
 			d.Initrd = filepath.Join(dir, image.InitramfsFile)
 		}
 	}
-	if d.Rootfs == "" {
+	bundleRootfs := d.Rootfs == ""
+	if bundleRootfs {
+		// The bundle's root filesystem is shared by every VM and by the
+		// clones of every snapshot, so no guest may write to it.
 		d.Rootfs = filepath.Join(dir, image.RootfsFile)
+		d.RootfsReadOnly = true
 	}
 	if d.BootArgs == vm.DefaultBootArgs {
 		if args, ok := m.BootArgs[image.ModeSwitchRoot]; ok {
 			d.BootArgs = args
+			if d.RootfsReadOnly {
+				d.BootArgs += " ember.rootflags=ro"
+			}
 		}
 	}
 	return d
