@@ -48,13 +48,13 @@ func newProvider(ctx context.Context, backend string, cfg *config.Config, log *s
 			return nil, fmt.Errorf("find firecracker binary %q: %w (set firecracker.binary or EMBER_FIRECRACKER_BINARY)", cfg.Firecracker.Binary, err)
 		}
 		fc := firecracker.Config{
-			Binary:      bin,
+			Binary: bin,
 			// Ember's guest bundles use Debian's cloud kernel, which finds
 			// virtio devices only through ACPI.
 			KernelNeedsACPI: true,
-			RunDir:      filepath.Join(cfg.RunDir, "firecracker"),
-			SnapshotDir: filepath.Join(cfg.StateDir, "firecracker-snapshots"),
-			Logger:      log,
+			RunDir:          filepath.Join(cfg.RunDir, "firecracker"),
+			SnapshotDir:     filepath.Join(cfg.StateDir, "firecracker-snapshots"),
+			Logger:          log,
 		}
 		if cfg.Firecracker.Jailer != "" {
 			fc.Jailer = &firecracker.JailerConfig{
