@@ -36,11 +36,23 @@ type spawnOptions struct {
 	// stderr.
 	console     io.Writer
 	noFileLimit uint64
+	// netns is the path of the network namespace the child starts in; ""
+	// keeps Ember's own.
+	netns string
 }
 
 // spawn starts the child directly, without a shell: stdin is /dev/null, the
-// environment is only opts.env, stdout and stderr go to opts.console.
+// environment is only opts.env, stdout and stderr go to opts.console. With
+// opts.netns set, the child starts in that network namespace.
 func spawn(opts spawnOptions) (*process, error) {
+	if opts.netns != "" {
+		return spawnInNetNS(opts.netns, opts)
+	}
+	return startChild(opts)
+}
+
+// startChild starts the child in the calling thread's network namespace.
+func startChild(opts spawnOptions) (*process, error) {
 	cmd := exec.Command(opts.path, opts.args...)
 	cmd.Env = append([]string{}, opts.env...)
 	cmd.Stdin = nil
