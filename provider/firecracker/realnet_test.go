@@ -115,6 +115,11 @@ func TestRealNetworkInNetNS(t *testing.T) {
 	bootEmulated(t, p, cfg)
 
 	out := waitConsole(t, p, "netvm", "SCAN-DONE")
+	// Firecracker's own log lines start with "[<id>:"; they go to the log
+	// file, never into the guest console.
+	if strings.Contains(out, "[netvm:") {
+		t.Errorf("console contains Firecracker's own log: %q", out)
+	}
 	if !strings.Contains(out, " id=1") {
 		t.Errorf("guest found no virtio-net device (id=1): %q", out)
 	}
