@@ -65,8 +65,8 @@ const consolePoll = 250 * time.Microsecond
 // (rawfc_test.go) that sends the same Firecracker API calls, in one run.
 // Each iteration runs both, in alternating order, so load from other
 // processes on the machine hits both alike. It reports the median time of
-// each side in milliseconds and their ratio; ns/op covers one iteration of
-// both sides plus teardown and means little on its own.
+// each side in milliseconds and their ratio. ns/op covers one iteration of
+// both sides plus teardown, so it means little on its own.
 //
 //   - cold: create, start, until GUEST-READY is on the console.
 //   - restore: create from a full snapshot with resume, until the guest

@@ -15,11 +15,11 @@ import (
 // A VM whose Config.NetNS is set runs its Firecracker in that network
 // namespace, so that Firecracker can open TAP devices that live there.
 // Linux switches namespaces per thread, and a child starts in the network
-// namespace of the thread that forked it. Unjailed, Ember therefore forks
-// Firecracker from a goroutine locked to its OS thread after setns(2) moved
-// that thread into the namespace, and moves the thread back before
-// unlocking it. Jailed, the jailer joins the namespace itself (--netns),
-// so Ember starts the jailer from any thread.
+// namespace of the thread that forked it. Unjailed, Ember therefore locks a
+// goroutine to its OS thread and moves that thread into the namespace with
+// setns(2). It forks Firecracker there, then moves the thread back before
+// unlocking it. Jailed, the jailer joins the namespace itself (--netns), so
+// Ember starts the jailer from any thread.
 //
 // Switching back is required, not only tidy: the child's parent-death
 // signal (Pdeathsig) fires when the thread that forked it exits, so a
@@ -52,8 +52,8 @@ func openNetNS(path string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
 	}
-	// NS_GET_NSTYPE fails with ENOTTY on a file that is not a namespace
-	// and returns the CLONE_NEW* flag of one that is.
+	// NS_GET_NSTYPE fails with ENOTTY on a file that is not a namespace.
+	// On a namespace file it returns the namespace's CLONE_NEW* flag.
 	kind, err := unix.IoctlRetInt(int(f.Fd()), unix.NS_GET_NSTYPE)
 	if err != nil || kind != unix.CLONE_NEWNET {
 		f.Close()

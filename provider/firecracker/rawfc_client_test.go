@@ -11,8 +11,8 @@ import (
 	"testing"
 )
 
-// serveKeptAlive answers every request on one connection with reply and
-// never closes the connection, as Firecracker does.
+// serveKeptAlive sends reply to every request on one connection and never
+// closes the connection, as Firecracker does.
 func serveKeptAlive(t *testing.T, reply string) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "api.sock")

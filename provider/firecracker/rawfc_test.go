@@ -21,8 +21,8 @@ import (
 //
 // An earlier hand-written driver hung on its first iteration. Run without
 // --log-path, Firecracker (1.14.1 tested) writes its own log to stdout,
-// which is also the guest's serial console, and a log line from the API
-// thread can land inside a line of guest output: the console then reads
+// which is also the guest's serial console. A log line from the API thread
+// can then land inside a line of guest output, so the console reads
 // "G<log line>UEST-READY" and a search for GUEST-READY waits forever while
 // the guest runs. This driver sends the log to a file, as Ember does.
 // Two other mistakes would hang it as well, and both are avoided:
