@@ -63,6 +63,10 @@ func startChild(opts spawnOptions) (*process, error) {
 	cmd.Stderr = cmd.Stdout
 	// A new process group keeps terminal signals meant for Ember away from
 	// the VMM; Pdeathsig stops an orphaned VMM if Ember itself dies.
+	// NOTE: Linux sends Pdeathsig when the forking thread exits, not only
+	// the process. The Go runtime ends a thread only when a goroutine exits
+	// while locked to it, so a VMM dies with Ember's thread if code
+	// elsewhere in the process does that on the thread that forked it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return nil, err
