@@ -45,10 +45,19 @@ func openNetNS(path string) (*os.File, error) {
 	invalid := func(problem string) error {
 		return &vm.ValidationError{Problems: []vm.FieldError{{Field: "netns", Problem: problem}}}
 	}
-	f, err := os.Open(path)
+	fi, err := os.Stat(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, invalid(fmt.Sprintf("%s does not exist: create the network namespace first (ip netns add NAME)", path))
 	}
+	if err != nil {
+		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
+	}
+	// A namespace file is a regular file to stat(2). Checking first keeps
+	// open(2) away from FIFOs and devices, where it can block or act.
+	if !fi.Mode().IsRegular() {
+		return nil, invalid(fmt.Sprintf("%s is not a network namespace", path))
+	}
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
 	}

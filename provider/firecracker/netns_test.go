@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/embervm/ember/vm"
 )
 
@@ -90,11 +92,18 @@ func TestNetNSInvalidPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	regular := filepath.Join(env.files, "vmlinux")
+	fifo := filepath.Join(env.files, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name, netns, problem string
 	}{
 		{"missing", "/run/netns/" + testNetNSPrefix + "missing", "does not exist"},
 		{"regular file", regular, "is not a network namespace"},
+		{"directory", env.files, "is not a network namespace"},
+		// Opening a FIFO without a writer would block.
+		{"fifo", fifo, "is not a network namespace"},
 		{"other namespace type", "/proc/self/ns/uts", "is not a network namespace"},
 	}
 	for _, tt := range tests {
@@ -250,4 +259,30 @@ func TestJailerNetNS(t *testing.T) {
 			}
 		})
 	}
+}
+
+func FuzzCheckNetNS(f *testing.F) {
+	f.Add("/proc/self/ns/net")
+	f.Add("/proc/self/ns/uts")
+	f.Add("/run/netns/" + testNetNSPrefix + "missing")
+	f.Add("/dev/null")
+	f.Add("/")
+	f.Fuzz(func(t *testing.T, path string) {
+		// Stay inside paths whose files cannot block or change on open.
+		if !strings.HasPrefix(path, "/proc/self/ns/") && !strings.HasPrefix(path, "/run/netns/") {
+			path = "/run/netns/" + path
+		}
+		err := checkNetNS(path)
+		var ve *vm.ValidationError
+		if errors.As(err, &ve) && (len(ve.Problems) != 1 || ve.Problems[0].Field != "netns") {
+			t.Errorf("checkNetNS(%q) = %v, want one problem on netns", path, err)
+		}
+		if err != nil {
+			return
+		}
+		var st unix.Statfs_t
+		if err := unix.Statfs(path, &st); err != nil || st.Type != unix.NSFS_MAGIC {
+			t.Errorf("checkNetNS accepted %q, which is not on nsfs (statfs type %#x, %v)", path, st.Type, err)
+		}
+	})
 }
