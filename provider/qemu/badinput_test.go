@@ -14,7 +14,7 @@ import (
 
 // TestBadInput creates VMs from bad input while another VM runs. Each case
 // must fail with the expected typed error, leave no process or run
-// directory behind, and leave the other VM answering.
+// directory behind, and leave the other VM replying to pings.
 func TestBadInput(t *testing.T) {
 	p := newTestProvider(t, Options{})
 	ctx := t.Context()

@@ -28,8 +28,8 @@ const bundleEnv = "EMBER_TEST_BUNDLE"
 const testMemMiB = 128
 
 // guestBootTimeout bounds the wait for a guest to answer on its agent port.
-// TCG guests share two cores with other test processes, so it is generous;
-// it only stops a hung test and is not a measurement.
+// TCG guests share two cores with other test processes, so it is generous.
+// It only stops a hung test and is not a measurement.
 const guestBootTimeout = 20 * time.Second
 
 type testGuest struct {
@@ -243,7 +243,7 @@ func ask(ctx context.Context, p *Provider, id, req string) (string, error) {
 	return strings.TrimSpace(line), nil
 }
 
-// waitAgent waits until the guest answers a ping on the agent port.
+// waitAgent waits until the guest replies to a ping on the agent port.
 func waitAgent(t testing.TB, p *Provider, id string) {
 	t.Helper()
 	if err := pollAgent(context.Background(), p, id, guestBootTimeout); err != nil {
@@ -252,7 +252,7 @@ func waitAgent(t testing.TB, p *Provider, id string) {
 	}
 }
 
-// pollAgent pings the guest until it answers or timeout passes. Each try
+// pollAgent pings the guest until it replies or timeout passes. Each try
 // has a short deadline because a guest that is still booting does not
 // read the port, and the request then waits unanswered.
 func pollAgent(ctx context.Context, p *Provider, id string, timeout time.Duration) error {

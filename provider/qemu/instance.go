@@ -15,7 +15,7 @@ import (
 type instance struct {
 	// opMu serializes the operations on this VM. It is held across QMP
 	// commands, so the event and wait goroutines never take it: they
-	// take only mu, which nobody holds across a blocking call.
+	// take only mu, which no code holds across a blocking call.
 	opMu sync.Mutex
 
 	cmd     *exec.Cmd

@@ -15,8 +15,8 @@ import (
 )
 
 // TestBootDevicesAndShutdown boots a guest with a read-only root drive, a
-// throttled writable extra drive and the agent port, checks what the guest
-// sees, and powers it off through ACPI.
+// throttled writable extra drive and the agent port, checks the devices the
+// guest lists, and powers it off through ACPI.
 func TestBootDevicesAndShutdown(t *testing.T) {
 	p := newTestProvider(t, Options{})
 	ctx := t.Context()
@@ -92,7 +92,7 @@ func TestBootDevicesAndShutdown(t *testing.T) {
 }
 
 // TestSnapshotClones restores three clones of one snapshot, gives each a
-// hostname of its own and checks that each answers with its own identity
+// hostname of its own and checks that each replies with its own identity
 // and writes to its own copy of the writable drive.
 func TestSnapshotClones(t *testing.T) {
 	p := newTestProvider(t, Options{})
@@ -220,6 +220,7 @@ func TestVMMDeath(t *testing.T) {
 		}
 	}
 	waitAgent(t, p, "victim")
+
 	pid := mustGet(t, p, "victim").PID
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -228,6 +229,7 @@ func TestVMMDeath(t *testing.T) {
 	if !strings.Contains(info.Reason, "signal: killed") || info.PID != 0 {
 		t.Errorf("failed vm: reason %q pid %d", info.Reason, info.PID)
 	}
+
 	console, err := p.Console(ctx, "victim")
 	if err != nil || !bytes.Contains(console, []byte("EMBER-TESTINIT-READY")) {
 		t.Errorf("console after the crash: err %v, marker missing", err)
@@ -238,6 +240,7 @@ func TestVMMDeath(t *testing.T) {
 	if err := p.Pause(ctx, "victim"); !errors.Is(err, vm.ErrInvalidTransition) {
 		t.Errorf("pause failed vm: %v, want ErrInvalidTransition", err)
 	}
+
 	waitAgent(t, p, "bystander")
 	if err := p.Destroy(ctx, "victim"); err != nil {
 		t.Fatalf("destroy: %v", err)

@@ -17,8 +17,9 @@ import (
 
 // Create starts QEMU for cfg. A cold boot leaves the VM created: QEMU runs
 // with its vCPUs stopped until Start. A restore loads the snapshot and
-// leaves the VM paused, or running when cfg.RestoreFrom asks to resume
-// immediately. A failed Create leaves no process or run directory behind.
+// leaves the VM paused, or running when cfg.RestoreFrom sets
+// ResumeImmediately. A failed Create leaves no process or run directory
+// behind.
 func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	cfg = cfg.Clone()
 	if err := cfg.Validate(); err != nil {
@@ -290,8 +291,8 @@ func (inst *instance) settle(op vm.Op) error {
 	return inst.transitionLocked(op)
 }
 
-// Shutdown asks a running guest to power off through an ACPI power-button
-// press and waits up to grace for QEMU to exit. A VM that is created or
+// Shutdown requests a power-off from a running guest with an ACPI
+// power-button press and waits up to grace for QEMU to exit. A VM that is created or
 // paused cannot handle the press, so it skips that step. If QEMU is still
 // running after grace (or ctx ends first), Shutdown sends SIGTERM, then
 // SIGKILL after StopTimeout, and always reaps the process.
@@ -426,7 +427,7 @@ func (p *Provider) Rename(ctx context.Context, id, newID string) error {
 
 // DialAgent connects to the host end of VM id's "ember.agent"
 // virtio-serial port. QEMU serves one connection at a time on it, and the
-// guest sees the port open while a connection exists.
+// guest's end of the port is open while a connection exists.
 func (p *Provider) DialAgent(ctx context.Context, id string) (net.Conn, error) {
 	inst, err := p.lookup(id)
 	if err != nil {

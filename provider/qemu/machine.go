@@ -18,7 +18,7 @@ type machine struct {
 	Kernel     string `json:"kernel"`
 	Initrd     string `json:"initrd,omitempty"`
 	BootArgs   string `json:"boot_args"`
-	// Drives are in attach order, root drive first. The guest sees them as
+	// Drives are in attach order, root drive first. The guest names them
 	// vda, vdb and so on in this order.
 	Drives []machineDrive `json:"drives,omitempty"`
 	NICs   []machineNIC   `json:"nics,omitempty"`

@@ -65,10 +65,10 @@ type Options struct {
 	// console log file in the run directory is not bounded.
 	ConsoleBytes int
 	ConsoleLines int
-	// TSCKHz is the TSC frequency that TCG guests are told through the
+	// TSCKHz is the TSC frequency in kHz passed to TCG guests through the
 	// tsc_early_khz kernel parameter, unless their boot args set it. 0
-	// means the host's, read from /proc/cpuinfo where the host kernel
-	// knows it exactly; a negative value turns the hint off. Without it, a
+	// means the host's, read from /proc/cpuinfo when the host kernel has
+	// the exact value. A negative value turns the hint off. Without it, a
 	// TCG guest on a busy host can hang while it calibrates its clock.
 	TSCKHz int
 	// NetNS is the path of a network namespace, such as

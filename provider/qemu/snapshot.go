@@ -285,7 +285,7 @@ func (p *Provider) readSnapshot(vmID, snapID string) (*snapshotMeta, error) {
 	return &meta, nil
 }
 
-// checkRestore checks that snapshot meta can be restored as cfg asks,
+// checkRestore checks that snapshot meta can be restored as cfg requests,
 // before anything is started.
 func (p *Provider) checkRestore(cfg *vm.Config, meta *snapshotMeta) error {
 	ref := cfg.RestoreFrom
@@ -384,7 +384,7 @@ func (p *Provider) prepareRestore(cfg *vm.Config, meta *snapshotMeta, dir string
 }
 
 // finishRestore waits until QEMU has loaded the migration stream, then
-// resumes the VM when ref asks for it. A stream that QEMU cannot load
+// resumes the VM when ref sets ResumeImmediately. A stream that QEMU cannot load
 // makes it exit, and its message is returned.
 func (p *Provider) finishRestore(ctx context.Context, inst *instance, ref *vm.SnapshotRef) error {
 	mon, err := inst.mon()
