@@ -90,8 +90,8 @@ func (e *APIError) Error() string {
 // FieldError is one validation problem: the field path in the spec's JSON
 // form and the rule it breaks.
 type FieldError struct {
-	Field   string
-	Problem string
+	Field   string `json:"field"`
+	Problem string `json:"problem"`
 }
 
 func (e FieldError) String() string { return e.Field + ": " + e.Problem }

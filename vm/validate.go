@@ -74,6 +74,9 @@ func ValidateSpec(s *Spec) error {
 func (c *Config) Validate() error {
 	var errs problems
 	validateID(&errs, "id", c.ID)
+	if c.NetNS != "" {
+		validatePath(&errs, "netns", c.NetNS)
+	}
 	if c.RestoreFrom != nil {
 		validateSnapshotRef(&errs, "restore_from", c.RestoreFrom)
 		if c.VCPUCount != 0 {
@@ -125,6 +128,9 @@ func validateSpec(errs *problems, s *Spec) {
 	}
 	validateRateLimiter(errs, "rootfs_rate_limit", s.RootfsRateLimit)
 	validateDevices(errs, s.NetworkInterfaces, s.ExtraDrives, s.Vsock)
+	if s.NetNS != nil && *s.NetNS != "" {
+		validatePath(errs, "netns", *s.NetNS)
+	}
 	if s.RestoreFrom != nil {
 		validateSnapshotRef(errs, "restore_from", s.RestoreFrom)
 	}
@@ -330,4 +336,24 @@ func (p *problems) err() error {
 		return nil
 	}
 	return &ValidationError{Problems: p.list}
+}
+
+// Validate checks the fields that d sets; zero values are valid because
+// they select the built-in defaults.
+func (d *Defaults) Validate() error {
+	var errs problems
+	for _, f := range []struct{ name, path string }{{"kernel", d.Kernel}, {"initrd", d.Initrd}, {"rootfs", d.Rootfs}} {
+		if f.path != "" {
+			validatePath(&errs, f.name, f.path)
+		}
+	}
+	if d.VCPUCount != 0 {
+		validateVCPUCount(&errs, d.VCPUCount)
+	}
+	if d.MemSizeMiB != 0 {
+		validateMemSize(&errs, d.MemSizeMiB)
+	}
+	validateBootArgs(&errs, d.BootArgs)
+	validateRateLimiter(&errs, "rootfs_rate_limit", d.RootfsRateLimit)
+	return errs.err()
 }

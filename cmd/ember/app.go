@@ -1,0 +1,162 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/embervm/ember/config"
+)
+
+// Output formats of --output.
+const (
+	outputText = "text"
+	outputJSON = "json"
+)
+
+// Exit codes.
+const (
+	exitOK      = 0
+	exitFailure = 1
+	exitUsage   = 2
+)
+
+// app carries what every command shares: streams, the environment and the
+// global flags. Commands get it explicitly instead of reading globals.
+type app struct {
+	stdout, stderr io.Writer
+	environ        []string
+
+	output     string
+	configPath string
+
+	loaded *config.Loaded
+}
+
+// usageError marks an error in how the command was invoked.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+// errSilent reports failure after the command already printed why.
+var errSilent = errors.New("failed")
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string) int {
+	a := &app{stdout: stdout, stderr: stderr, environ: environ}
+	root := a.rootCommand()
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	err := root.ExecuteContext(ctx)
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.Is(err, errSilent):
+		return exitFailure
+	case errors.As(err, new(usageError)):
+		fmt.Fprintf(stderr, "ember: %v\nRun 'ember --help' for usage.\n", err)
+		return exitUsage
+	default:
+		fmt.Fprintf(stderr, "ember: %v\n", err)
+		return exitFailure
+	}
+}
+
+func (a *app) rootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "ember",
+		Short:         "Provision, snapshot and restore microVMs",
+		Long:          "Ember runs Firecracker and QEMU microvm virtual machines from workspace defaults with per-VM overrides.",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			if a.output != outputText && a.output != outputJSON {
+				return usageError{fmt.Errorf("--output %q is invalid, use %q or %q", a.output, outputText, outputJSON)}
+			}
+			return nil
+		},
+	}
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	group(root)
+	flags := root.PersistentFlags()
+	flags.StringVarP(&a.output, "output", "o", outputText, `output format: "text" or "json"`)
+	flags.StringVar(&a.configPath, "config", "", "configuration file (default: $EMBER_CONFIG, then "+config.DefaultPath+" if it exists)")
+
+	root.AddCommand(
+		a.versionCommand(),
+		a.configCommand(),
+		a.specCommand(),
+		a.snapshotCommand(),
+	)
+	return root
+}
+
+// config loads the workspace configuration once.
+func (a *app) config() (*config.Loaded, error) {
+	if a.loaded != nil {
+		return a.loaded, nil
+	}
+	path := a.configPath
+	if path == "" {
+		path = a.getenv("EMBER_CONFIG")
+	}
+	if path == "" {
+		if _, err := os.Stat(config.DefaultPath); err == nil {
+			path = config.DefaultPath
+		}
+	}
+	l, err := config.Load(path, a.environ)
+	if err != nil {
+		return nil, err
+	}
+	a.loaded = l
+	return l, nil
+}
+
+func (a *app) getenv(name string) string {
+	prefix := name + "="
+	for i := len(a.environ) - 1; i >= 0; i-- {
+		if len(a.environ[i]) >= len(prefix) && a.environ[i][:len(prefix)] == prefix {
+			return a.environ[i][len(prefix):]
+		}
+	}
+	return ""
+}
+
+func (a *app) jsonOutput() bool { return a.output == outputJSON }
+
+// writeJSON prints v as indented JSON on stdout.
+func (a *app) writeJSON(v any) error {
+	enc := json.NewEncoder(a.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// exactArgs is cobra.ExactArgs with usage-error classification.
+func exactArgs(n int) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := cobra.ExactArgs(n)(cmd, args); err != nil {
+			return usageError{err}
+		}
+		return nil
+	}
+}
+
+// group makes a command that only holds subcommands print its help when
+// called alone and report a usage error for an unknown subcommand.
+func group(cmd *cobra.Command) *cobra.Command {
+	cmd.Args = cobra.ArbitraryArgs
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return usageError{fmt.Errorf("unknown command %q for %q", args[0], cmd.CommandPath())}
+		}
+		return cmd.Help()
+	}
+	return cmd
+}

@@ -1,0 +1,175 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// runCLI runs ember with args and returns stdout, stderr and the exit code.
+func runCLI(t *testing.T, environ []string, args ...string) (string, string, int) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), args, &stdout, &stderr, environ)
+	return stdout.String(), stderr.String(), code
+}
+
+func writeTemp(t *testing.T, name, body string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+const fiveMistakes = `
+vcpu_count: 0
+extra_drives:
+  - {drive_id: data, path_on_host: a.img}
+  - {drive_id: data, path_on_host: b.img}
+network_interfaces:
+  - {iface_id: eth0, host_dev_name: a-very-long-tap-name, guest_mac: "01:02:03:04:05:06"}
+vsock: {guest_cid: 1, uds_path: /run/v.sock}
+`
+
+func TestSpecValidateListsEveryProblem(t *testing.T) {
+	path := writeTemp(t, "bad.yaml", fiveMistakes)
+	stdout, stderr, code := runCLI(t, nil, "spec", "validate", path)
+	if code != exitFailure {
+		t.Fatalf("exit code %d, want %d", code, exitFailure)
+	}
+	if stdout != "" {
+		t.Errorf("stdout = %q, want nothing", stdout)
+	}
+	for _, want := range []string{
+		"5 problems",
+		"  vcpu_count: 0 is invalid, must be 1–32",
+		`  extra_drives[1].drive_id: duplicate "data"`,
+		`  network_interfaces[0].host_dev_name: "a-very-long-tap-name" is 20 bytes, must be at most 15`,
+		`  network_interfaces[0].guest_mac: "01:02:03:04:05:06" is a multicast address`,
+		"  vsock.guest_cid: 1 is invalid, must be 3 or more",
+	} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, stderr)
+		}
+	}
+}
+
+func TestSpecValidateJSON(t *testing.T) {
+	path := writeTemp(t, "bad.yaml", fiveMistakes)
+	stdout, _, code := runCLI(t, nil, "spec", "validate", "--output", "json", path)
+	if code != exitFailure {
+		t.Fatalf("exit code %d, want %d", code, exitFailure)
+	}
+	var r specReport
+	if err := json.Unmarshal([]byte(stdout), &r); err != nil {
+		t.Fatalf("stdout is not JSON: %v\n%s", err, stdout)
+	}
+	if r.Valid || len(r.Problems) != 5 || r.Problems[0].Field != "vcpu_count" {
+		t.Fatalf("report = %+v", r)
+	}
+}
+
+func TestSpecValidateAcceptsRelativePaths(t *testing.T) {
+	path := writeTemp(t, "ok.json", `{"kernel": "vmlinux", "extra_drives": [{"drive_id": "data", "path_on_host": "data.img"}]}`)
+	stdout, stderr, code := runCLI(t, nil, "spec", "validate", path)
+	if code != exitOK || !strings.HasSuffix(stdout, ": valid\n") {
+		t.Fatalf("exit %d stdout %q stderr %q", code, stdout, stderr)
+	}
+}
+
+func TestSpecValidateUnreadable(t *testing.T) {
+	_, stderr, code := runCLI(t, nil, "spec", "validate", filepath.Join(t.TempDir(), "missing.yaml"))
+	if code != exitFailure || !strings.Contains(stderr, "read spec:") || !strings.Contains(stderr, "no such file") {
+		t.Fatalf("exit %d stderr %q", code, stderr)
+	}
+	path := writeTemp(t, "unknown.yaml", "vcpus: 2\n")
+	_, stderr, code = runCLI(t, nil, "spec", "validate", path)
+	if code != exitFailure || !strings.Contains(stderr, `unknown field "vcpus"`) {
+		t.Fatalf("exit %d stderr %q", code, stderr)
+	}
+}
+
+func TestConfigShowSources(t *testing.T) {
+	path := writeTemp(t, "config.toml", "version = 1\n[defaults]\nmem_size_mib = 512\n")
+	stdout, stderr, code := runCLI(t, []string{"EMBER_DEFAULTS_VCPU_COUNT=3"}, "--config", path, "config", "show", "-o", "json")
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	var out struct {
+		File    string
+		Entries []configEntry
+	}
+	if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]configEntry{}
+	for _, e := range out.Entries {
+		got[e.Key] = e
+	}
+	if e := got["defaults.mem_size_mib"]; e.Value != "512" || e.Source.Kind != "file" || e.Source.Detail != path {
+		t.Errorf("mem_size_mib entry = %+v", e)
+	}
+	if e := got["defaults.vcpu_count"]; e.Value != "3" || e.Source.Kind != "env" || e.Env != "EMBER_DEFAULTS_VCPU_COUNT" {
+		t.Errorf("vcpu_count entry = %+v", e)
+	}
+	if e := got["backend"]; e.Source.Kind != "default" {
+		t.Errorf("backend entry = %+v", e)
+	}
+}
+
+func TestConfigFileFromEnvironment(t *testing.T) {
+	path := writeTemp(t, "config.toml", "version = 1\nbackend = \"firecracker\"\n")
+	stdout, stderr, code := runCLI(t, []string{"EMBER_CONFIG=" + path}, "config", "show")
+	if code != exitOK || !strings.Contains(stdout, "# file: "+path) || !strings.Contains(stdout, `"firecracker"`) {
+		t.Fatalf("exit %d stdout %q stderr %q", code, stdout, stderr)
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	good := writeTemp(t, "good.toml", "version = 1\n[qemu]\naccel = \"tcg\"\n")
+	if stdout, stderr, code := runCLI(t, nil, "config", "validate", good); code != exitOK || !strings.Contains(stdout, "valid") {
+		t.Fatalf("good file: exit %d stdout %q stderr %q", code, stdout, stderr)
+	}
+	bad := writeTemp(t, "bad.toml", "version = 1\n[qemu]\naccel = \"hvf\"\n")
+	_, stderr, code := runCLI(t, nil, "config", "validate", bad)
+	if code != exitFailure || !strings.Contains(stderr, `qemu.accel = "hvf"`) || !strings.Contains(stderr, `one of ["auto" "kvm" "tcg"]`) {
+		t.Fatalf("bad file: exit %d stderr %q", code, stderr)
+	}
+}
+
+func TestBrokenEnvironmentFailsConfigShow(t *testing.T) {
+	_, stderr, code := runCLI(t, []string{"EMBER_BACKEND=xen"}, "config", "show")
+	if code != exitFailure || !strings.Contains(stderr, `config backend = "xen" (from env EMBER_BACKEND)`) {
+		t.Fatalf("exit %d stderr %q", code, stderr)
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	cases := [][]string{
+		{"bogus"},
+		{"config", "bogus"},
+		{"spec", "validate"},
+		{"--output", "yaml", "version"},
+		{"version", "--no-such-flag"},
+	}
+	for _, args := range cases {
+		_, stderr, code := runCLI(t, nil, args...)
+		if code != exitUsage || !strings.HasPrefix(stderr, "ember: ") {
+			t.Errorf("%v: exit %d stderr %q, want exit %d", args, code, stderr, exitUsage)
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	stdout, _, code := runCLI(t, nil, "version", "-o", "json")
+	var v versionInfo
+	if code != exitOK || json.Unmarshal([]byte(stdout), &v) != nil || v.Version == "" || v.ConfigVersion != 1 {
+		t.Fatalf("exit %d stdout %q", code, stdout)
+	}
+}
