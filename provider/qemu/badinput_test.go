@@ -179,7 +179,7 @@ func TestBadInput(t *testing.T) {
 				t.Error(err)
 			}
 			if got := mustAsk(t, p, "bystander", "ping"); got != "pong" {
-				t.Errorf("bystander answered %q", got)
+				t.Errorf("bystander replied %q to a ping", got)
 			}
 		})
 	}

@@ -29,7 +29,7 @@ const bundleEnv = "EMBER_TEST_BUNDLE"
 // testMemMiB keeps guests small: several run at once on a 2-core machine.
 const testMemMiB = 128
 
-// guestBootTimeout bounds the wait for a guest to answer on its agent port.
+// guestBootTimeout bounds the wait for a guest to reply on its agent port.
 // TCG guests share two cores with other test processes, so it is generous.
 // It only stops a hung test and is not a measurement.
 const guestBootTimeout = 20 * time.Second
@@ -258,13 +258,13 @@ func waitAgent(t testing.TB, p *Provider, id string) {
 	t.Helper()
 	if err := pollAgent(context.Background(), p, id, guestBootTimeout); err != nil {
 		console, _ := p.Console(context.Background(), id)
-		t.Fatalf("guest %q did not answer on the agent port: %v\nconsole:\n%s", id, err, tail(console, 2000))
+		t.Fatalf("guest %q did not reply on the agent port: %v\nconsole:\n%s", id, err, tail(console, 2000))
 	}
 }
 
 // pollAgent pings the guest until it replies or timeout passes. Each try
 // has a short deadline because a guest that is still booting does not
-// read the port, and the request then waits unanswered.
+// read the port, and the request then waits without a reply.
 func pollAgent(ctx context.Context, p *Provider, id string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	var lastErr error
