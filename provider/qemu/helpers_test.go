@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -95,8 +94,11 @@ func buildGuest() (testGuest, string) {
 		}
 	}
 
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		return testGuest{}, "the go command is not in PATH; it builds the test guest's init"
+	}
 	initBin := filepath.Join(workDir, "init")
-	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
 	build := exec.Command(goBin, "build", "-o", initBin, "./internal/testinit")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if out, err := build.CombinedOutput(); err != nil {

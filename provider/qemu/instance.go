@@ -26,12 +26,9 @@ type instance struct {
 	serialLog *os.File
 	stderrLog *os.File
 	// exited is closed once the process is reaped.
-	exited chan struct{}
-	// copyDone is closed once the console copy goroutine has drained
-	// QEMU's stdout.
-	copyDone chan struct{}
-	created  time.Time
-	log      *slog.Logger
+	exited  chan struct{}
+	created time.Time
+	log     *slog.Logger
 
 	mu    sync.Mutex
 	id    string

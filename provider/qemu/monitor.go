@@ -66,14 +66,6 @@ func dialMonitor(ctx context.Context, path string, exited <-chan struct{}, handl
 	return m, nil
 }
 
-// version returns the QEMU version from the QMP greeting.
-func (m *monitor) version() string {
-	if m.mon.Version == nil {
-		return ""
-	}
-	return m.mon.Version.String()
-}
-
 // run executes a QMP command and decodes its "return" value into out when
 // out is not nil. A QMP error becomes a *vm.APIError. When ctx ends first,
 // run returns ctx.Err() and the command still completes in the background.
