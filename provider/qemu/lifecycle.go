@@ -159,7 +159,13 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 			return nil, fmt.Errorf("qemu reports status %q after start, expected prelaunch", status.Status)
 		}
 	}
-	p.log.Info("vm created", "vm", cfg.ID, "pid", inst.cmd.Process.Pid, "accel", accel,
+	inst.mu.Lock()
+	rec := inst.recordLocked(accel)
+	inst.mu.Unlock()
+	if err := writeRecord(dir, rec); err != nil {
+		return nil, err
+	}
+	p.log.Info("vm created", "vm", cfg.ID, "pid", inst.pid, "accel", accel,
 		"restore", cfg.IsRestore(), "state", inst.currentState())
 	return inst, nil
 }
@@ -421,6 +427,11 @@ func (p *Provider) Rename(ctx context.Context, id, newID string) error {
 	inst.cfg.ID = newID
 	delete(p.vms, id)
 	p.vms[newID] = inst
+	if err := writeRecord(newDir, inst.recordLocked(p.accel)); err != nil {
+		// QEMU and the provider run on under the new id, but a later
+		// provider cannot adopt this VM.
+		p.log.Warn("vm record not updated after rename", "vm", newID, "err", err)
+	}
 	p.log.Info("vm renamed", "vm", newID, "old_id", id)
 	return nil
 }

@@ -13,6 +13,11 @@ import (
 	"github.com/embervm/ember/vm"
 )
 
+// qmpHandshakeTimeout bounds the wait for QEMU's QMP greeting. QEMU 7.2
+// does not serve its monitor while it loads a snapshot from a file, so the
+// bound must cover the load of a large snapshot.
+const qmpHandshakeTimeout = 2 * time.Minute
+
 // monitor is a QMP connection to one QEMU process. Commands run one at a
 // time. Events go to the handler given to dialMonitor, from a goroutine that
 // drains them all the time: the QMP library delivers events and command
@@ -47,9 +52,30 @@ func dialMonitor(ctx context.Context, path string, exited <-chan struct{}, handl
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
-	if err := mon.Connect(); err != nil {
+	// QEMU sends its greeting only to one client at a time and not while it
+	// loads a migration stream, so the handshake gets its own bound.
+	// Disconnecting makes a blocked Connect return.
+	connected := make(chan error, 1)
+	go func() { connected <- mon.Connect() }()
+	var connErr error
+	select {
+	case connErr = <-connected:
+	case <-exited:
 		mon.Disconnect()
-		return nil, fmt.Errorf("negotiate qmp capabilities on %s: %w", path, err)
+		<-connected
+		return nil, errors.New("qemu exited during the qmp handshake")
+	case <-ctx.Done():
+		mon.Disconnect()
+		<-connected
+		return nil, ctx.Err()
+	case <-time.After(qmpHandshakeTimeout):
+		mon.Disconnect()
+		<-connected
+		return nil, fmt.Errorf("qmp handshake on %s timed out after %s: another client may hold the monitor", path, qmpHandshakeTimeout)
+	}
+	if connErr != nil {
+		mon.Disconnect()
+		return nil, fmt.Errorf("negotiate qmp capabilities on %s: %w", path, connErr)
 	}
 	events, err := mon.Events(context.Background())
 	if err != nil {

@@ -114,8 +114,10 @@ var (
 var versionPattern = regexp.MustCompile(`QEMU emulator version (\d+\.\d+\.\d+)`)
 
 // New checks that the QEMU binary runs, creates the run and snapshot
-// directories and returns a provider. With AccelAuto the accelerator is
-// chosen at the first cold boot, because the KVM probe needs a kernel.
+// directories, adopts the VMs that an earlier provider left running in
+// RunDir (see [Provider.Close]) and returns a provider. With AccelAuto the
+// accelerator is chosen at the first cold boot, because the KVM probe
+// needs a kernel.
 func New(ctx context.Context, opts Options) (*Provider, error) {
 	switch opts.Accel {
 	case "":
@@ -181,6 +183,7 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 		p.accelOnce.Do(func() { p.accel = opts.Accel })
 		p.log.Info("accelerator selected", "accel", p.accel, "reason", "set in options")
 	}
+	p.adoptAll(ctx)
 	return p, nil
 }
 
@@ -229,6 +232,9 @@ func (p *Provider) Console(_ context.Context, id string) ([]byte, error) {
 	inst, err := p.lookup(id)
 	if err != nil {
 		return nil, fmt.Errorf("read console of vm %q: %w", id, err)
+	}
+	if inst.follower != nil {
+		inst.follower.poll()
 	}
 	return inst.console.Bytes(), nil
 }
