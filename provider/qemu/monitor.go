@@ -33,50 +33,14 @@ type monitor struct {
 // created it, the deadline passes or exited is closed. It completes the
 // capability negotiation and starts draining events into handle.
 func dialMonitor(ctx context.Context, path string, exited <-chan struct{}, handle func(qmp.Event)) (*monitor, error) {
-	deadline := time.Now().Add(defaultQMPDialTimeout)
-	var mon *qmp.SocketMonitor
-	for {
-		var err error
-		mon, err = qmp.NewSocketMonitor("unix", path, time.Second)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("connect to qmp socket %s: %w", path, err)
-		}
-		select {
-		case <-exited:
-			return nil, errors.New("qemu exited before its qmp socket accepted a connection")
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(5 * time.Millisecond):
-		}
+	mon, err := dialQMPSocket(ctx, path, exited)
+	if err != nil {
+		return nil, err
 	}
-	// QEMU sends its greeting only to one client at a time and not while it
-	// loads a migration stream, so the handshake gets its own bound.
-	// Disconnecting makes a blocked Connect return.
-	connected := make(chan error, 1)
-	go func() { connected <- mon.Connect() }()
-	var connErr error
-	select {
-	case connErr = <-connected:
-	case <-exited:
-		mon.Disconnect()
-		<-connected
-		return nil, errors.New("qemu exited during the qmp handshake")
-	case <-ctx.Done():
-		mon.Disconnect()
-		<-connected
-		return nil, ctx.Err()
-	case <-time.After(qmpHandshakeTimeout):
-		mon.Disconnect()
-		<-connected
-		return nil, fmt.Errorf("qmp handshake on %s timed out after %s: another client may hold the monitor", path, qmpHandshakeTimeout)
+	if err := handshake(ctx, mon, path, exited); err != nil {
+		return nil, err
 	}
-	if connErr != nil {
-		mon.Disconnect()
-		return nil, fmt.Errorf("negotiate qmp capabilities on %s: %w", path, connErr)
-	}
+
 	events, err := mon.Events(context.Background())
 	if err != nil {
 		mon.Disconnect()
@@ -90,6 +54,57 @@ func dialMonitor(ctx context.Context, path string, exited <-chan struct{}, handl
 		}
 	}()
 	return m, nil
+}
+
+// dialQMPSocket connects to path, retrying while QEMU has not created the
+// socket yet.
+func dialQMPSocket(ctx context.Context, path string, exited <-chan struct{}) (*qmp.SocketMonitor, error) {
+	deadline := time.Now().Add(defaultQMPDialTimeout)
+	for {
+		mon, err := qmp.NewSocketMonitor("unix", path, time.Second)
+		if err == nil {
+			return mon, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("connect to qmp socket %s: %w", path, err)
+		}
+		select {
+		case <-exited:
+			return nil, errors.New("qemu exited before its qmp socket accepted a connection")
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// handshake reads QEMU's greeting and negotiates capabilities. QEMU greets
+// only one client at a time and not while it loads a migration stream, so
+// the handshake has its own bound. Disconnecting makes a blocked Connect
+// return. On failure mon is disconnected.
+func handshake(ctx context.Context, mon *qmp.SocketMonitor, path string, exited <-chan struct{}) error {
+	connected := make(chan error, 1)
+	go func() { connected <- mon.Connect() }()
+
+	var err error
+	select {
+	case err = <-connected:
+		if err == nil {
+			return nil
+		}
+		mon.Disconnect()
+		return fmt.Errorf("qmp handshake on %s: %w", path, err)
+	case <-exited:
+		err = errors.New("qemu exited during the qmp handshake")
+	case <-ctx.Done():
+		err = ctx.Err()
+	case <-time.After(qmpHandshakeTimeout):
+		err = fmt.Errorf("timed out after %s, another client may hold the monitor", qmpHandshakeTimeout)
+	}
+	// Connect is still running: end it and wait for it.
+	mon.Disconnect()
+	<-connected
+	return fmt.Errorf("qmp handshake on %s: %w", path, err)
 }
 
 // run executes a QMP command and decodes its "return" value into out when
