@@ -19,9 +19,17 @@
 // failed, with the exit status and QEMU's last stderr lines as the reason.
 //
 // Each VM has a run directory <RunDir>/<id> with qmp.sock, agent.sock,
-// serial.log (the whole console), qemu.log (QEMU's stderr) and qemu.pid.
-// Destroy removes it; Rename renames it while QEMU keeps running, because
-// open files and bound sockets move with the directory.
+// serial.log (the whole console, written by QEMU), qemu.log (QEMU's
+// stderr), qemu.pid and vm.json (the VM's configuration, machine and pid).
+// The provider follows serial.log into a ring buffer bounded in lines and
+// bytes. Destroy removes the directory. Rename renames it while QEMU keeps
+// running, because open files and bound sockets move with the directory.
+//
+// QEMU outlives the provider that started it. [Provider.Close] detaches
+// from every VM, and [New] adopts the VMs it finds in RunDir: it reconnects
+// to QMP, reads the state back with query-status and follows the process
+// with a pidfd. A VM whose QEMU exited while no provider watched it is
+// adopted as failed, so that its console stays readable until Destroy.
 //
 // # Devices
 //
@@ -81,8 +89,10 @@
 //
 // QEMU refuses to migrate a VM again until it has run. A second snapshot of
 // a VM that stayed paused therefore copies the state file of the first.
-// The provider does not reattach to QEMU processes that a previous
-// provider started: VMs live as long as the Provider value that made them.
+// An adopted VM that is paused after a snapshot has lost that record, so
+// it must run before its next snapshot. The exit status of an adopted
+// QEMU is not known, because it belongs to the process that started it.
+// Two providers must not share a RunDir at the same time.
 //
 // A typical use:
 //
