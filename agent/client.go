@@ -31,8 +31,9 @@ type Options struct {
 	// RetryInterval is the first pause between connection attempts; it
 	// doubles up to one second. Zero means 50 ms.
 	RetryInterval time.Duration
-	// HelloInterval is how long the client waits for a hello reply on an
-	// open connection before it sends another hello. Zero means 500 ms.
+	// HelloInterval is how long the client first waits for a hello reply on
+	// an open connection before it sends another hello; the wait doubles up
+	// to 5 seconds. Zero means 500 ms.
 	HelloInterval time.Duration
 }
 
@@ -120,13 +121,18 @@ func handshake(ctx context.Context, conn net.Conn, o Options) (*Client, error) {
 	// connection count: a virtio-serial port can still hold replies to an
 	// earlier connection's hellos.
 	sent := map[uint32]bool{}
+	interval := o.HelloInterval
 	for {
 		nonce := rand.Uint32()
 		sent[nonce] = true
 		if err := fw.WriteFrame(Frame{Type: FrameHello, ID: nonce, Payload: hello}); err != nil {
 			return nil, fmt.Errorf("send hello: %w", err)
 		}
-		conn.SetReadDeadline(time.Now().Add(o.HelloInterval))
+		conn.SetReadDeadline(time.Now().Add(interval))
+		// QEMU does not read a virtio-serial socket while the guest has the
+		// port closed, so every hello waits in the socket buffer until the
+		// guest opens it. Backing off keeps a slow boot from filling it.
+		interval = min(interval*2, 5*time.Second)
 		for {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
@@ -488,7 +494,7 @@ func (c *Client) SetHostname(ctx context.Context, name string) error {
 	return c.Call(ctx, OpSetHostname, SetHostnameRequest{Hostname: name}, nil)
 }
 
-// Shutdown asks the agent to sync and then power off or reboot the guest,
+// Shutdown requests that the agent sync and then power off or reboot the guest,
 // with action [ActionPowerOff] or [ActionReboot]. It returns once the agent
 // has accepted the request.
 func (c *Client) Shutdown(ctx context.Context, action string) error {

@@ -18,7 +18,7 @@ const (
 	ModeSwitchRoot = "switchroot"
 )
 
-// BootConfig is what the agent reads from the kernel command line.
+// BootConfig is the agent's configuration from the kernel command line.
 type BootConfig struct {
 	// Mode is ModeInitramfs or ModeSwitchRoot (ember.mode).
 	Mode string
@@ -140,11 +140,14 @@ func parseIP(value string) (*IPConfig, error) {
 	switch value {
 	case "", "off", "none":
 		return nil, nil
+	case "on", "any", "dhcp", "bootp", "rarp", "both", "dhcp6", "auto6":
+		return nil, fmt.Errorf("ip=%s: autoconfiguration is not supported, only a static address with autoconf off", value)
 	}
 	parts := strings.Split(value, ":")
 	for len(parts) < 9 {
 		parts = append(parts, "")
 	}
+
 	if autoconf := parts[6]; autoconf != "" && autoconf != "off" && autoconf != "none" {
 		return nil, fmt.Errorf("ip=%q: autoconfiguration %q is not supported, only a static address with autoconf off", value, autoconf)
 	}
@@ -152,6 +155,7 @@ func parseIP(value string) (*IPConfig, error) {
 	if err != nil || !addr.Is4() {
 		return nil, fmt.Errorf("ip=%q: client address %q is not an IPv4 address", value, parts[0])
 	}
+
 	bits := 32
 	if mask := parts[3]; mask != "" {
 		m, err := netip.ParseAddr(mask)
@@ -162,6 +166,7 @@ func parseIP(value string) (*IPConfig, error) {
 			return nil, fmt.Errorf("ip=%q: %w", value, err)
 		}
 	}
+
 	cfg := &IPConfig{Address: netip.PrefixFrom(addr, bits), Hostname: parts[4], Device: parts[5]}
 	if gw := parts[2]; gw != "" {
 		if cfg.Gateway, err = netip.ParseAddr(gw); err != nil || !cfg.Gateway.Is4() {
@@ -176,6 +181,7 @@ func parseIP(value string) (*IPConfig, error) {
 	if strings.ContainsAny(cfg.Device, "/ \x00") || len(cfg.Device) > 15 {
 		return nil, fmt.Errorf("ip=%q: invalid device name %q", value, cfg.Device)
 	}
+
 	for _, d := range parts[7:9] {
 		if d == "" {
 			continue

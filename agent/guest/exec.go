@@ -59,9 +59,15 @@ func (s *Server) exec(r *request, args json.RawMessage) (any, error) {
 		defer cancel()
 	}
 
-	cmd := exec.Command(req.Argv[0], req.Argv[1:]...)
+	env := s.execEnv(req.Env)
+	program, err := lookPath(req.Argv[0], env)
+	if err != nil {
+		return nil, agent.Errorf(agent.CodeNotFound, "exec %s: %v", req.Argv[0], err)
+	}
+	cmd := exec.Command(program, req.Argv[1:]...)
+	cmd.Args[0] = req.Argv[0]
 	cmd.Dir = dir
-	cmd.Env = s.execEnv(req.Env)
+	cmd.Env = env
 	// A process group of its own lets cancel and timeout kill the children
 	// of the process too.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -179,6 +185,31 @@ func (s *Server) processDone(pid int) {
 	if s.cfg.Processes != nil {
 		s.cfg.Processes.Done(pid)
 	}
+}
+
+// lookPath finds program in the PATH of the process's environment, which
+// may differ from the agent's own, as a shell would.
+func lookPath(program string, env []string) (string, error) {
+	if strings.Contains(program, "/") {
+		return program, nil
+	}
+	path := ""
+	for _, e := range env {
+		if v, ok := strings.CutPrefix(e, "PATH="); ok {
+			path = v
+		}
+	}
+	for dir := range strings.SplitSeq(path, ":") {
+		if dir == "" {
+			dir = "."
+		}
+		candidate := filepath.Join(dir, program)
+		fi, err := os.Stat(candidate)
+		if err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			return candidate, nil
+		}
+	}
+	return "", fmt.Errorf("%q not found in PATH %q: %w", program, path, exec.ErrNotFound)
 }
 
 // execEnv merges the base environment, the variables set with OpSetEnv and

@@ -2,8 +2,8 @@ package guest
 
 // This file holds the steps that only PID 1 in a guest performs: mounting
 // the kernel file systems, loading modules and switching the root. Each is a
-// small function so that cmd/ember-agent stays a list of calls; none of them
-// can run unprivileged, so they are exercised by booting the agent in a VM.
+// small function, so cmd/ember-agent stays a list of calls. None of them can
+// run unprivileged, so only booting the agent in a VM exercises them.
 
 import (
 	"bufio"
@@ -74,7 +74,7 @@ func UseConsole() error {
 
 // LoadModules loads the kernel modules listed in listPath, one absolute path
 // a line in load order, with finit_module(2). A missing list is not an
-// error. A module that is already loaded (EEXIST) is fine; other failures
+// error. A module that is already loaded (EEXIST) is fine. Other failures
 // are logged and the rest still load, because one missing driver should not
 // keep the agent from serving over the others.
 func LoadModules(listPath string, logger *slog.Logger) (loaded int, err error) {
@@ -123,8 +123,8 @@ func loadModule(path string) error {
 // re-exec. The kernel file systems of the initramfs are detached first and
 // must be mounted again inside the new root with [MountEssentials].
 //
-// NOTE: the initramfs files stay in memory after the switch, since nothing
-// deletes them; for an initramfs of the agent and a few modules that is a
+// NOTE: the initramfs files stay in memory after the switch, because nothing
+// deletes them. For an initramfs of the agent and a few modules that is a
 // few MiB.
 func SwitchRoot(cfg BootConfig) error {
 	const newRoot = "/newroot"

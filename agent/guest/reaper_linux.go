@@ -20,7 +20,7 @@ import (
 // Each pass peeks at an exited child with waitid(WNOWAIT) and reaps it only
 // if exec does not track it. A tracked zombie can hide untracked ones from
 // that peek, so Done starts another pass once exec has reaped its child.
-// Start holds the lock across fork and registration, so a pass never sees
+// Start holds the lock across fork and registration, so a pass never finds
 // a child that is not registered yet.
 type Reaper struct {
 	logger *slog.Logger

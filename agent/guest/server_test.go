@@ -159,6 +159,12 @@ func TestExec(t *testing.T) {
 	if err := os.Mkdir(filepath.Join(h.root, "work"), 0o755); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.Mkdir(filepath.Join(h.root, "bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(h.root, "bin/ember-hello"), []byte("#!/bin/sh\necho hello from PATH\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name       string
 		req        agent.ExecRequest
@@ -186,6 +192,11 @@ func TestExec(t *testing.T) {
 			name:       "env and dir",
 			req:        agent.ExecRequest{Argv: []string{"sh", "-c", "echo $GREETING; pwd"}, Env: []string{"GREETING=hi"}, Dir: "/work"},
 			wantStdout: "hi\n" + filepath.Join(h.root, "work") + "\n",
+		},
+		{
+			name:       "request PATH",
+			req:        agent.ExecRequest{Argv: []string{"ember-hello"}, Env: []string{"PATH=" + filepath.Join(h.root, "bin") + ":/usr/bin:/bin"}},
+			wantStdout: "hello from PATH\n",
 		},
 		{
 			name:       "stdin",
@@ -327,6 +338,8 @@ func TestExecBadInput(t *testing.T) {
 		{"env without equals", agent.ExecRequest{Argv: []string{"true"}, Env: []string{"NOVALUE"}}, agent.ErrInvalidArgument},
 		{"dir traversal", agent.ExecRequest{Argv: []string{"true"}, Dir: "/../.."}, agent.ErrInvalidArgument},
 		{"missing program", agent.ExecRequest{Argv: []string{"/nonexistent/program"}}, agent.ErrNotFound},
+		{"program not in PATH", agent.ExecRequest{Argv: []string{"ember-no-such-program"}}, agent.ErrNotFound},
+		{"empty PATH", agent.ExecRequest{Argv: []string{"true"}, Env: []string{"PATH=/nonexistent"}}, agent.ErrNotFound},
 		{"negative timeout", agent.ExecRequest{Argv: []string{"true"}, Timeout: -1}, agent.ErrInvalidArgument},
 	}
 	for _, tt := range tests {
@@ -803,9 +816,10 @@ func TestDialRetriesWhileGuestBoots(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
-	// The first attempts fail as a vsock CONNECT to a port nobody listens
-	// on does; the next gives a connection whose guest end stays silent for
-	// a while, as a virtio-serial port does before the guest opens it.
+	// The first attempts fail, as a vsock CONNECT to a port without a
+	// listener does. The next gives a connection whose guest end stays
+	// silent for a while, as a virtio-serial port does before the guest
+	// opens it.
 	attempts := 0
 	var serving sync.WaitGroup
 	dial := func(context.Context) (net.Conn, error) {

@@ -138,8 +138,8 @@ func SetLinkUp(name string) error {
 	return nil
 }
 
-// Shutdown asks every other process to stop, syncs file systems and powers
-// off or reboots. Only PID 1 should call it: kill(-1) reaches every process
+// Shutdown sends SIGTERM and then SIGKILL to every other process, syncs file
+// systems and powers off or reboots. Only PID 1 should call it: kill(-1) reaches every process
 // the caller may signal.
 func (s *LinuxSystem) Shutdown(action string) error {
 	cmd := unix.LINUX_REBOOT_CMD_POWER_OFF

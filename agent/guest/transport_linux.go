@@ -17,15 +17,15 @@ import (
 // agent.
 const VirtioPortName = "ember.agent"
 
-// vsockListener accepts vsock connections through the Go runtime's poller,
+// VsockListener accepts vsock connections through the Go runtime's poller,
 // so Close interrupts a pending Accept.
-type vsockListener struct {
+type VsockListener struct {
 	f *os.File
 }
 
 // ListenVsock listens on a vsock port for connections from any CID, which
 // is how the host reaches the guest through Firecracker.
-func ListenVsock(port uint32) (*vsockListener, error) {
+func ListenVsock(port uint32) (*VsockListener, error) {
 	fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("listen vsock port %d: socket: %w", port, err)
@@ -38,11 +38,11 @@ func ListenVsock(port uint32) (*vsockListener, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("listen vsock port %d: %w", port, err)
 	}
-	return &vsockListener{f: os.NewFile(uintptr(fd), fmt.Sprintf("vsock:%d", port))}, nil
+	return &VsockListener{f: os.NewFile(uintptr(fd), fmt.Sprintf("vsock:%d", port))}, nil
 }
 
 // Accept waits for the next connection.
-func (l *vsockListener) Accept() (io.ReadWriteCloser, error) {
+func (l *VsockListener) Accept() (io.ReadWriteCloser, error) {
 	rc, err := l.f.SyscallConn()
 	if err != nil {
 		return nil, err
@@ -64,10 +64,10 @@ func (l *vsockListener) Accept() (io.ReadWriteCloser, error) {
 }
 
 // Close stops the listener.
-func (l *vsockListener) Close() error { return l.f.Close() }
+func (l *VsockListener) Close() error { return l.f.Close() }
 
 // ServeVsock serves every connection on the vsock listener until ctx ends.
-func (s *Server) ServeVsock(ctx context.Context, l *vsockListener) error {
+func (s *Server) ServeVsock(ctx context.Context, l *VsockListener) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	for {

@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -28,6 +30,15 @@ const (
 // boot runs the PID 1 duties and then serves forever. It never returns: PID
 // 1 exiting panics the kernel.
 func boot(level slog.Level) {
+	defer func() {
+		// A panic in a boot step must not end PID 1, which would panic the
+		// kernel. Log it and keep handling power-off signals.
+		if p := recover(); p != nil {
+			logger := newLogger(os.Stdout, level)
+			logger.Error("agent boot panicked; serving stopped, waiting for power-off", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			waitForPowerOff(logger, &guest.LinuxSystem{Logger: logger})
+		}
+	}()
 	if os.Getenv("PATH") == "" {
 		os.Setenv("PATH", defaultPath)
 	}

@@ -6,6 +6,20 @@
 // virtio-serial port, whichever exist. SIGTERM, SIGINT (Ctrl-Alt-Del),
 // SIGPWR and the ACPI power button power the guest off after a sync.
 //
+// The initramfs contract: the static binary is /init. /etc/ember/modules
+// lists absolute paths of uncompressed .ko files, one a line, dependencies
+// first; blank lines and lines starting with '#' are skipped. The ACPI power
+// button needs button.ko and evdev.ko in that list.
+//
+// Kernel parameters read:
+//
+//	ember.mode=initramfs|switchroot   default initramfs
+//	ember.root=/dev/vda               root device for switchroot
+//	ember.rootfstype=ext4             root file system type
+//	ember.rootflags=ro|rw             mount the root read-only or read-write
+//	ember.agent_port=1024             vsock port
+//	ip=<client-ip>::<gw-ip>:<netmask>:<hostname>:<device>:off[:<dns0>[:<dns1>]]
+//
 // Outside a VM it can serve one Unix socket for manual tests:
 //
 //	ember-agent -listen /tmp/agent.sock -root /tmp/guest-root
@@ -50,7 +64,7 @@ func main() {
 
 	logger := newLogger(os.Stderr, level)
 	if *listen == "" {
-		logger.Error("not PID 1 and no -listen socket given; nothing to serve")
+		logger.Error("nothing to serve: not running as PID 1 and no -listen socket given; pass -listen PATH to serve a Unix socket")
 		os.Exit(2)
 	}
 	srv, err := guest.NewServer(guest.Config{Root: *root, Version: version, Logger: logger})

@@ -338,12 +338,6 @@ func (m *machine) check(op vm.Op) error {
 	return err
 }
 
-func (m *machine) currentID() string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.id
-}
-
 // watch moves the VM to stopped or failed when its process exits on its
 // own. A guest power-off makes Firecracker exit with status 0.
 func (p *Provider) watch(m *machine) {

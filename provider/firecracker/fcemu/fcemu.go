@@ -16,6 +16,8 @@
 // binary.
 package fcemu
 
+//lint:file-ignore ST1005 fault messages copy the capitalized text real Firecracker sends
+
 import (
 	"bufio"
 	"encoding/json"

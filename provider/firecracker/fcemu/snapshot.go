@@ -1,5 +1,7 @@
 package fcemu
 
+//lint:file-ignore ST1005 fault messages copy the capitalized text real Firecracker sends
+
 import (
 	"bytes"
 	"encoding/binary"
