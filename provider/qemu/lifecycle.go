@@ -56,45 +56,12 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 		return nil, err
 	}
 
-	var (
-		m        machine
-		incoming *os.File
-		accel    Accel
-	)
-	if cfg.IsRestore() {
-		meta, err := p.readSnapshot(cfg.RestoreFrom.VMID, cfg.RestoreFrom.SnapshotID)
-		if err != nil {
-			return nil, err
-		}
-		if err := p.checkRestore(cfg, meta); err != nil {
-			return nil, err
-		}
-		if err := makeRunDir(dir); err != nil {
-			return nil, err
-		}
-		rb.add(func() error { return os.RemoveAll(dir) })
-		m, incoming, err = p.prepareRestore(cfg, meta, dir)
-		if err != nil {
-			return nil, err
-		}
+	m, incoming, accel, err := p.prepare(ctx, cfg, dir, &rb)
+	if err != nil {
+		return nil, err
+	}
+	if incoming != nil {
 		defer incoming.Close()
-		accel = p.acceleratorFor(ctx, m.Kernel)
-	} else {
-		m, err = machineFromConfig(cfg, p.vhostVsock)
-		if err != nil {
-			return nil, err
-		}
-		if err := checkHostFiles(&m, cfg); err != nil {
-			return nil, err
-		}
-		if err := makeRunDir(dir); err != nil {
-			return nil, err
-		}
-		rb.add(func() error { return os.RemoveAll(dir) })
-		accel = p.acceleratorFor(ctx, m.Kernel)
-		if accel == AccelTCG {
-			m.BootArgs = withTSCHint(m.BootArgs, p.tscKHz)
-		}
 	}
 
 	inst = &instance{
@@ -168,6 +135,47 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 	p.log.Info("vm created", "vm", cfg.ID, "pid", inst.pid, "accel", accel,
 		"restore", cfg.IsRestore(), "state", inst.currentState())
 	return inst, nil
+}
+
+// prepare checks cfg against the host, creates the run directory dir and
+// returns the machine to start, the accelerator and, for a restore, the
+// opened snapshot state file. Undo steps go on rb.
+func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *rollback) (machine, *os.File, Accel, error) {
+	if cfg.IsRestore() {
+		meta, err := p.readSnapshot(cfg.RestoreFrom.VMID, cfg.RestoreFrom.SnapshotID)
+		if err != nil {
+			return machine{}, nil, "", err
+		}
+		if err := p.checkRestore(cfg, meta); err != nil {
+			return machine{}, nil, "", err
+		}
+		if err := makeRunDir(dir); err != nil {
+			return machine{}, nil, "", err
+		}
+		rb.add(func() error { return os.RemoveAll(dir) })
+		m, incoming, err := p.prepareRestore(cfg, meta, dir)
+		if err != nil {
+			return machine{}, nil, "", err
+		}
+		return m, incoming, p.acceleratorFor(ctx, m.Kernel), nil
+	}
+
+	m, err := machineFromConfig(cfg, p.vhostVsock)
+	if err != nil {
+		return machine{}, nil, "", err
+	}
+	if err := checkHostFiles(&m, cfg); err != nil {
+		return machine{}, nil, "", err
+	}
+	if err := makeRunDir(dir); err != nil {
+		return machine{}, nil, "", err
+	}
+	rb.add(func() error { return os.RemoveAll(dir) })
+	accel := p.acceleratorFor(ctx, m.Kernel)
+	if accel == AccelTCG {
+		m.BootArgs = withTSCHint(m.BootArgs, p.tscKHz)
+	}
+	return m, nil, accel, nil
 }
 
 // startFailure returns err, or QEMU's own exit message when QEMU exited
