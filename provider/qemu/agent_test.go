@@ -18,14 +18,19 @@ import (
 // The tests in this file boot the bundle's own initramfs, whose /init is
 // the Ember guest agent, and drive it with the agent's host client over
 // the provider's DialAgent. They need a bundle built for the agent: its
-// initramfs runs ember-agent as PID 1, lists its kernel modules in
-// /etc/ember/modules and provides uname and true in PATH.
+// initramfs runs ember-agent as PID 1 and lists its kernel modules in
+// /etc/ember/modules. The guest runs "uname" and "true" from PATH, which
+// the initramfs provides, or the root file system when
+// EMBER_TEST_AGENT_BOOT_ARGS selects ember.mode=switchroot.
+const agentBootArgsEnv = "EMBER_TEST_AGENT_BOOT_ARGS"
 
 // agentConfig returns a cold-boot configuration of the bundle's own guest.
+// With ember.mode=switchroot in EMBER_TEST_AGENT_BOOT_ARGS, the bundle's
+// rootfs.ext4 is attached read-only as the root drive.
 func agentConfig(t testing.TB, id string) vm.Config {
 	needGuest(t)
 	bundle := os.Getenv(bundleEnv)
-	return vm.Config{
+	cfg := vm.Config{
 		ID:              id,
 		Kernel:          filepath.Join(bundle, "vmlinux"),
 		Initrd:          filepath.Join(bundle, "initramfs"),
@@ -34,6 +39,14 @@ func agentConfig(t testing.TB, id string) vm.Config {
 		BootArgs:        vm.DefaultBootArgs,
 		TrackDirtyPages: true,
 	}
+	if extra := os.Getenv(agentBootArgsEnv); extra != "" {
+		cfg.BootArgs += " " + extra
+		if strings.Contains(extra, "ember.mode=switchroot") {
+			cfg.Rootfs = filepath.Join(bundle, "rootfs.ext4")
+			cfg.RootfsReadOnly = true
+		}
+	}
+	return cfg
 }
 
 // dialAgent connects the agent client to VM id, retrying until the agent
