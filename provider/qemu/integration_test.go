@@ -294,3 +294,61 @@ func waitFor(t testing.TB, p *Provider, id string, want vm.State) vm.Info {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestSnapshotChain snapshots a restored VM that never ran, twice in a row
+// (the second copies the first, because QEMU does not migrate a VM again
+// before it has run), and restores the last snapshot.
+func TestSnapshotChain(t *testing.T) {
+	p := newTestProvider(t, Options{})
+	ctx := t.Context()
+	if _, err := p.Create(ctx, testConfig(t, "first")); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if err := p.Start(ctx, "first"); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	waitAgent(t, p, "first")
+	mustAsk(t, p, "first", "hostname chained")
+	if err := p.Pause(ctx, "first"); err != nil {
+		t.Fatalf("pause: %v", err)
+	}
+	if _, err := p.Snapshot(ctx, "first", vm.SnapshotOptions{ID: "one"}); err != nil {
+		t.Fatalf("snapshot one: %v", err)
+	}
+
+	ref := &vm.SnapshotRef{VMID: "first", SnapshotID: "one"}
+	if _, err := p.Create(ctx, vm.Config{ID: "second", RestoreFrom: ref}); err != nil {
+		t.Fatalf("restore second: %v", err)
+	}
+	for _, id := range []string{"two", "three"} {
+		if _, err := p.Snapshot(ctx, "second", vm.SnapshotOptions{ID: id}); err != nil {
+			t.Fatalf("snapshot %s of the restored vm: %v", id, err)
+		}
+	}
+	two, err := os.Stat(filepath.Join(p.snapshotDir, "second", "two", snapshotStateName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	three, err := os.Stat(filepath.Join(p.snapshotDir, "second", "three", snapshotStateName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if two.Size() != three.Size() {
+		t.Errorf("state sizes %d and %d, want the copy to equal the original", two.Size(), three.Size())
+	}
+
+	ref = &vm.SnapshotRef{VMID: "second", SnapshotID: "three", ResumeImmediately: true}
+	if _, err := p.Create(ctx, vm.Config{ID: "third", RestoreFrom: ref}); err != nil {
+		t.Fatalf("restore third: %v", err)
+	}
+	waitAgent(t, p, "third")
+	if got := mustAsk(t, p, "third", "whoami"); got != "chained" {
+		t.Errorf("third: whoami = %q, want the hostname set before the first snapshot", got)
+	}
+	if err := p.Resume(ctx, "second"); err != nil {
+		t.Fatalf("resume second: %v", err)
+	}
+	if got := mustAsk(t, p, "second", "whoami"); got != "chained" {
+		t.Errorf("second: whoami = %q", got)
+	}
+}
