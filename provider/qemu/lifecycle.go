@@ -146,7 +146,8 @@ func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *
 		if err != nil {
 			return machine{}, nil, "", err
 		}
-		if err := p.checkRestore(cfg, meta); err != nil {
+		accel := p.acceleratorFor(ctx, meta.Machine.Kernel)
+		if err := p.checkRestore(cfg, meta, accel); err != nil {
 			return machine{}, nil, "", err
 		}
 		if err := makeRunDir(dir); err != nil {
@@ -157,7 +158,7 @@ func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *
 		if err != nil {
 			return machine{}, nil, "", err
 		}
-		return m, incoming, p.acceleratorFor(ctx, m.Kernel), nil
+		return m, incoming, accel, nil
 	}
 
 	m, err := machineFromConfig(cfg, p.vhostVsock)

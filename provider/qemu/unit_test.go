@@ -239,7 +239,7 @@ func TestWithTSCHint(t *testing.T) {
 // restore relies on.
 func FuzzReadSnapshot(f *testing.F) {
 	good, _ := json.Marshal(snapshotMeta{
-		Format: snapshotFormat, Backend: backendName, QEMUVersion: "7.2.22", ID: "s", VMID: "v",
+		Format: snapshotFormat, Backend: backendName, QEMUVersion: "7.2.22", Accel: AccelTCG, ID: "s", VMID: "v",
 		Machine:   machine{VCPUCount: 1, MemSizeMiB: 64, Kernel: "/k", BootArgs: "x", Drives: []machineDrive{{ID: "rootfs", Path: "/r"}}},
 		StateSize: 10, Drives: []snapshotDrive{{Copy: "0-rootfs.img", Size: 5}},
 	})
