@@ -86,6 +86,7 @@ func (p *Provider) adopt(ctx context.Context, dir string, rec vmRecord) *instanc
 		created:    rec.CreatedAt,
 		log:        p.log,
 		pid:        rec.PID,
+		accel:      rec.Accel,
 		pidfd:      -1,
 		id:         rec.ID,
 		dir:        dir,
@@ -192,11 +193,11 @@ func (p *Provider) waitAdopted(inst *instance, pidfd int, wake *os.File) {
 }
 
 // recordLocked returns the vm.json content for inst.
-func (inst *instance) recordLocked(accel Accel) vmRecord {
+func (inst *instance) recordLocked() vmRecord {
 	return vmRecord{
 		ID:        inst.id,
 		PID:       inst.pid,
-		Accel:     accel,
+		Accel:     inst.accel,
 		Config:    inst.cfg.Clone(),
 		Machine:   inst.mach,
 		CreatedAt: inst.created,

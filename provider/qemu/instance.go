@@ -30,6 +30,8 @@ type instance struct {
 	monitor  *monitor
 	console  *consoleRing
 	follower *consoleFollower
+	// accel is the accelerator QEMU runs under.
+	accel Accel
 	// exited is closed once the process has exited.
 	exited  chan struct{}
 	created time.Time

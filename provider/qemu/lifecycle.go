@@ -65,6 +65,7 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 	}
 
 	inst = &instance{
+		accel:   accel,
 		console: newConsoleRing(p.opts.ConsoleBytes, p.opts.ConsoleLines),
 		exited:  make(chan struct{}),
 		created: time.Now().UTC(),
@@ -127,7 +128,7 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 		}
 	}
 	inst.mu.Lock()
-	rec := inst.recordLocked(accel)
+	rec := inst.recordLocked()
 	inst.mu.Unlock()
 	if err := writeRecord(dir, rec); err != nil {
 		return nil, err
@@ -436,7 +437,7 @@ func (p *Provider) Rename(ctx context.Context, id, newID string) error {
 	inst.cfg.ID = newID
 	delete(p.vms, id)
 	p.vms[newID] = inst
-	if err := writeRecord(newDir, inst.recordLocked(p.accel)); err != nil {
+	if err := writeRecord(newDir, inst.recordLocked()); err != nil {
 		// QEMU and the provider run on under the new id, but a later
 		// provider cannot adopt this VM.
 		p.log.Warn("vm record not updated after rename", "vm", newID, "err", err)

@@ -77,6 +77,9 @@ func readRecord(dir string) (vmRecord, error) {
 	if err := rec.Machine.validate(); err != nil {
 		return vmRecord{}, fmt.Errorf("%s: machine: %w", recordName, err)
 	}
+	if rec.Accel != AccelKVM && rec.Accel != AccelTCG {
+		return vmRecord{}, fmt.Errorf("%s: accelerator %q is invalid", recordName, rec.Accel)
+	}
 	if rec.PID <= 0 {
 		return vmRecord{}, fmt.Errorf("%s: pid %d is invalid", recordName, rec.PID)
 	}

@@ -146,7 +146,7 @@ func (p *Provider) snapshot(ctx context.Context, inst *instance, snapID string) 
 		Format:      snapshotFormat,
 		Backend:     backendName,
 		QEMUVersion: p.version,
-		Accel:       p.Accel(),
+		Accel:       inst.accel,
 		ID:          snapID,
 		VMID:        vmID,
 		CreatedAt:   time.Now().UTC(),

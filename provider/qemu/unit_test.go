@@ -390,6 +390,7 @@ func TestRecordRoundTrip(t *testing.T) {
 		{"id of another directory", func(r *vmRecord) { r.ID = "vm2" }, "run directory"},
 		{"invalid id", func(r *vmRecord) { r.ID = "a/b" }, "id"},
 		{"no pid", func(r *vmRecord) { r.PID = 0 }, "pid"},
+		{"unknown accelerator", func(r *vmRecord) { r.Accel = AccelAuto }, "accelerator"},
 		{"invalid machine", func(r *vmRecord) { r.Machine.VCPUCount = 0 }, "machine"},
 	}
 	for _, tc := range cases {
@@ -425,7 +426,7 @@ func FuzzReadRecord(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if rec.ID != "vm1" || rec.PID <= 0 || rec.Format != recordFormat {
+		if rec.ID != "vm1" || rec.PID <= 0 || rec.Format != recordFormat || (rec.Accel != AccelKVM && rec.Accel != AccelTCG) {
 			t.Fatalf("accepted record %+v", rec)
 		}
 		if err := rec.Machine.validate(); err != nil {
