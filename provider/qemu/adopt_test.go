@@ -14,9 +14,9 @@ import (
 )
 
 // TestAdoptAfterClose closes a provider with VMs in every live state and
-// checks that a new provider on the same run directory takes them over:
-// states, pids, consoles, agent ports and control all carry over, a crash
-// of an adopted QEMU is noticed, and a QEMU that died while no provider
+// checks that a new provider on the same run directory takes them over.
+// States, pids, consoles, agent ports and control carry over. A crash of
+// an adopted QEMU is noticed, and a QEMU that died while no provider
 // watched it shows up as failed.
 func TestAdoptAfterClose(t *testing.T) {
 	needGuest(t)

@@ -13,9 +13,9 @@
 // Start, Pause and Resume are the QMP commands cont, stop and cont. The
 // provider keeps one QMP connection per VM, drains its events all the time
 // and follows STOP, RESUME and SHUTDOWN events, so a stop it did not ask
-// for still shows as paused. A goroutine waits on the process: when QEMU
-// exits after the guest powered off (or rebooted, which -no-reboot turns
-// into an exit) the VM is stopped, and when QEMU dies otherwise the VM is
+// for still shows as paused. A goroutine waits on the process. When QEMU
+// exits after the guest powered off or rebooted (-no-reboot turns a reboot
+// into an exit), the VM is stopped. When QEMU dies otherwise, the VM is
 // failed, with the exit status and QEMU's last stderr lines as the reason.
 //
 // Each VM has a run directory <RunDir>/<id> with qmp.sock, agent.sock,
