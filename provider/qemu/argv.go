@@ -60,10 +60,11 @@ func buildArgs(m *machine, l launch) []string {
 		"-pidfile", filepath.Join(l.runDir, pidFileName),
 		"-chardev", "socket,id=qmp,server=on,wait=off,path=" + escapeOpt(filepath.Join(l.runDir, qmpSocketName)),
 		"-mon", "chardev=qmp,mode=control",
-		// The serial console goes to QEMU's stdout, which the provider
-		// reads into the console log and ring buffer. signal=off keeps a
-		// ^C in the guest's output from stopping QEMU.
-		"-chardev", "stdio,id=serial0,signal=off",
+		// The serial console goes to a file that QEMU writes itself, so
+		// that it keeps being captured after the provider that started
+		// QEMU has gone. The provider follows the file into its ring
+		// buffer.
+		"-chardev", "file,id=serial0,append=on,path=" + escapeOpt(filepath.Join(l.runDir, serialLogName)),
 		"-serial", "chardev:serial0",
 		"-chardev", "socket,id=agent,server=on,wait=off,path=" + escapeOpt(filepath.Join(l.runDir, agentSocketName)),
 		"-device", "virtio-serial-device,id=vser0",

@@ -188,7 +188,7 @@ func FuzzThrottleOptions(f *testing.F) {
 		b := &vm.TokenBucket{Size: size, RefillTime: refill, OneTimeBurst: burst}
 		rl := &vm.RateLimiter{Bandwidth: b}
 		if err := (&vm.Config{ID: "f", Kernel: "/k", VCPUCount: 1, MemSizeMiB: 1, RootfsRateLimit: rl}).Validate(); err != nil {
-			return // Resolve rejects it before a provider sees it
+			return // Resolve rejects it before it reaches a provider
 		}
 		opts := throttleOptions(rl)
 		if !b.Enabled() {

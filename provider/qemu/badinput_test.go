@@ -14,7 +14,7 @@ import (
 
 // TestBadInput creates VMs from bad input while another VM runs. Each case
 // must fail with the expected typed error, leave no process or run
-// directory behind, and leave the other VM answering.
+// directory behind, and leave the other VM replying to pings.
 func TestBadInput(t *testing.T) {
 	p := newTestProvider(t, Options{})
 	ctx := t.Context()
@@ -39,7 +39,7 @@ func TestBadInput(t *testing.T) {
 	if err := p.Pause(ctx, "source"); err != nil {
 		t.Fatalf("pause source: %v", err)
 	}
-	for _, id := range []string{"good", "truncated", "garbled"} {
+	for _, id := range []string{"good", "truncated", "garbled", "kvm"} {
 		if _, err := p.Snapshot(ctx, "source", vm.SnapshotOptions{ID: id}); err != nil {
 			t.Fatalf("snapshot %s: %v", id, err)
 		}
@@ -48,6 +48,7 @@ func TestBadInput(t *testing.T) {
 	// "garbled" keeps a consistent size record, so only QEMU's load of the
 	// stream can find the damage.
 	garble(t, filepath.Join(p.snapshotDir, "source", "garbled"))
+	editMeta(t, filepath.Join(p.snapshotDir, "source", "kvm"), func(m *snapshotMeta) { m.Accel = AccelKVM })
 
 	kernel := testConfig(t, "x").Kernel
 	notELF := filepath.Join(files, "not-elf")
@@ -128,6 +129,11 @@ func TestBadInput(t *testing.T) {
 			want: vm.ErrSnapshotIncompatible,
 		},
 		{
+			name: "snapshot taken under another accelerator",
+			cfg:  restore("bad-15", vm.SnapshotRef{VMID: "source", SnapshotID: "kvm"}),
+			want: vm.ErrSnapshotIncompatible,
+		},
+		{
 			name: "more memory than the snapshot",
 			cfg: func() vm.Config {
 				c := restore("bad-11", vm.SnapshotRef{VMID: "source", SnapshotID: "good"})
@@ -179,7 +185,7 @@ func TestBadInput(t *testing.T) {
 				t.Error(err)
 			}
 			if got := mustAsk(t, p, "bystander", "ping"); got != "pong" {
-				t.Errorf("bystander answered %q", got)
+				t.Errorf("bystander replied %q to a ping", got)
 			}
 		})
 	}
@@ -193,8 +199,8 @@ func TestBadInput(t *testing.T) {
 		t.Errorf("restored state %s, want running", info.State)
 	}
 	list, err := p.ListSnapshots(ctx, "source")
-	if err != nil || len(list) != 3 {
-		t.Errorf("list snapshots: %d, %v; want 3", len(list), err)
+	if err != nil || len(list) != 4 {
+		t.Errorf("list snapshots: %d, %v; want 4", len(list), err)
 	}
 }
 
@@ -233,6 +239,12 @@ func garble(t *testing.T, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	editMeta(t, dir, func(m *snapshotMeta) { m.StateSize = st.Size() })
+}
+
+// editMeta rewrites the metadata of the snapshot in dir with edit.
+func editMeta(t *testing.T, dir string, edit func(*snapshotMeta)) {
+	t.Helper()
 	metaPath := filepath.Join(dir, snapshotMetaName)
 	b, err := os.ReadFile(metaPath)
 	if err != nil {
@@ -242,7 +254,7 @@ func garble(t *testing.T, dir string) {
 	if err := json.Unmarshal(b, &meta); err != nil {
 		t.Fatal(err)
 	}
-	meta.StateSize = st.Size()
+	edit(&meta)
 	if b, err = json.Marshal(meta); err != nil {
 		t.Fatal(err)
 	}

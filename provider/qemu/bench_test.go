@@ -5,7 +5,9 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,21 +19,28 @@ import (
 //
 //   - boot-to-marker: Create and Start of a cold boot until the test init's
 //     ready marker is on the serial console;
-//   - boot-to-agent: the same until the guest answers on the agent port;
+//   - boot-to-agent: the same until the guest replies on the agent port;
 //   - snapshot: Pause plus a full snapshot;
 //   - restore-to-running: Create of a restore with resume_immediately, which
 //     returns once QEMU has loaded the snapshot and the vCPUs run;
 //   - restore-to-agent: Create of a restore with resume_immediately until
-//     the restored guest answers on the agent port;
+//     the restored guest replies on the agent port;
 //   - exec-rtt: one request and reply on an open agent connection.
 //
 // The guest is the test init, not the Ember agent, so "agent" means the
-// virtio-serial port answering a ping. Each iteration runs every step once
+// virtio-serial port replying to a ping. Each iteration runs every step once
 // and the reported values are medians. Run it with
 //
 //	EMBER_TEST_BUNDLE=<bundle> go test -run '^$' -bench BootRestoreExec -benchtime 5x ./provider/qemu/
+//
+// EMBER_BENCH_VCPUS sets the guest's vCPU count (default 1), and
+// EMBER_BENCH_TCG_MULTI=1 runs one host thread per vCPU under TCG.
 func BenchmarkBootRestoreExec(b *testing.B) {
-	p := newTestProvider(b, Options{})
+	vcpus := 1
+	if v, err := strconv.Atoi(os.Getenv("EMBER_BENCH_VCPUS")); err == nil && v > 0 {
+		vcpus = v
+	}
+	p := newTestProvider(b, Options{TCGMultiThread: os.Getenv("EMBER_BENCH_TCG_MULTI") == "1"})
 	ctx := context.Background()
 	var boot, marker, snap, restore, restoreRunning, rtt []time.Duration
 
@@ -39,8 +48,10 @@ func BenchmarkBootRestoreExec(b *testing.B) {
 		id := fmt.Sprintf("bench-%d", i)
 		clone := id + "-clone"
 
+		cfg := testConfig(b, id)
+		cfg.VCPUCount = vcpus
 		start := time.Now()
-		if _, err := p.Create(ctx, testConfig(b, id)); err != nil {
+		if _, err := p.Create(ctx, cfg); err != nil {
 			b.Fatal(err)
 		}
 		if err := p.Start(ctx, id); err != nil {
@@ -92,7 +103,8 @@ func BenchmarkBootRestoreExec(b *testing.B) {
 	b.ReportMetric(ms(median(restore)), "restore-to-agent-ms")
 	b.ReportMetric(float64(median(rtt).Microseconds()), "exec-rtt-µs")
 	b.ReportMetric(float64(median(boot))/float64(median(restore)), "boot/restore")
-	b.Logf("accelerator %s, %d MiB guest, %d iterations", p.Accel(), testMemMiB, len(boot))
+	b.Logf("accelerator %s (multi-threaded %v), %d vcpus, %d MiB guest, %d iterations",
+		p.Accel(), p.opts.TCGMultiThread, vcpus, testMemMiB, len(boot))
 }
 
 // waitMarker polls the console until the test init's ready marker appears

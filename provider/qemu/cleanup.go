@@ -3,8 +3,7 @@ package qemu
 import "errors"
 
 // rollback is a stack of undo steps for a multi-step setup. Run executes
-// them last in, first out, and joins their errors. Release drops them once
-// the setup has succeeded.
+// them last in, first out, and joins their errors.
 type rollback struct {
 	steps []func() error
 }
@@ -19,5 +18,3 @@ func (r *rollback) run() error {
 	r.steps = nil
 	return errors.Join(errs...)
 }
-
-func (r *rollback) release() { r.steps = nil }

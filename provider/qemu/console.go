@@ -2,7 +2,10 @@ package qemu
 
 import (
 	"bytes"
+	"io"
+	"os"
 	"sync"
+	"time"
 )
 
 // consoleRing keeps the most recent console output, bounded both in lines
@@ -77,4 +80,100 @@ func (r *consoleRing) Bytes() []byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return bytes.Clone(r.buf)
+}
+
+// followInterval is how often a follower copies new console output into
+// the ring. Console reads copy it on demand as well, so it only bounds how
+// stale the ring is between reads.
+const followInterval = 50 * time.Millisecond
+
+// consoleFollower copies what QEMU appends to the console log file into a
+// ring buffer.
+type consoleFollower struct {
+	ring *consoleRing
+	// done is closed when run has returned and the file is closed.
+	done     chan struct{}
+	stopCh   chan struct{}
+	stopOnce sync.Once
+
+	mu     sync.Mutex
+	f      *os.File
+	buf    []byte
+	closed bool
+}
+
+// newConsoleFollower opens (creating it if needed) the log at path and
+// loads its last ring.maxBytes bytes into ring.
+func newConsoleFollower(path string, ring *consoleRing) (*consoleFollower, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if skip := st.Size() - int64(ring.maxBytes); skip > 0 {
+		if _, err := f.Seek(skip, io.SeekStart); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	c := &consoleFollower{ring: ring, done: make(chan struct{}), stopCh: make(chan struct{}), f: f, buf: make([]byte, 32<<10)}
+	c.poll()
+	return c, nil
+}
+
+// poll copies everything appended since the last poll.
+func (c *consoleFollower) poll() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	for {
+		n, err := c.f.Read(c.buf)
+		if n > 0 {
+			c.ring.Write(c.buf[:n])
+		}
+		if n == 0 || err != nil {
+			return
+		}
+	}
+}
+
+// run polls until stop is called, then polls a last time and closes the
+// file.
+func (c *consoleFollower) run() {
+	defer close(c.done)
+	t := time.NewTicker(followInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			c.poll()
+		case <-c.stopCh:
+			c.poll()
+			c.close()
+			return
+		}
+	}
+}
+
+// stop makes run return and waits until it has. It is safe to call more
+// than once.
+func (c *consoleFollower) stop() {
+	c.stopOnce.Do(func() { close(c.stopCh) })
+	<-c.done
+}
+
+// close closes the file, and later polls do nothing.
+func (c *consoleFollower) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closed {
+		c.closed = true
+		c.f.Close()
+	}
 }

@@ -8,11 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 
 	"github.com/embervm/ember/vm"
 )
@@ -27,9 +28,9 @@ const bundleEnv = "EMBER_TEST_BUNDLE"
 // testMemMiB keeps guests small: several run at once on a 2-core machine.
 const testMemMiB = 128
 
-// guestBootTimeout bounds the wait for a guest to answer on its agent port.
-// TCG guests share two cores with other test processes, so it is generous;
-// it only stops a hung test and is not a measurement.
+// guestBootTimeout bounds the wait for a guest to reply on its agent port.
+// TCG guests share two cores with other test processes, so it is generous.
+// It only stops a hung test and is not a measurement.
 const guestBootTimeout = 20 * time.Second
 
 type testGuest struct {
@@ -55,6 +56,14 @@ func TestMain(m *testing.M) {
 	workDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
+	// Every VM's reaper, event and console goroutines must be gone once
+	// the tests have destroyed their VMs.
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "goroutines leaked:", err)
+			code = 1
+		}
+	}
 	os.Exit(code)
 }
 
@@ -85,8 +94,11 @@ func buildGuest() (testGuest, string) {
 		}
 	}
 
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		return testGuest{}, "the go command is not in PATH; it builds the test guest's init"
+	}
 	initBin := filepath.Join(workDir, "init")
-	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
 	build := exec.Command(goBin, "build", "-o", initBin, "./internal/testinit")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if out, err := build.CombinedOutput(); err != nil {
@@ -243,18 +255,18 @@ func ask(ctx context.Context, p *Provider, id, req string) (string, error) {
 	return strings.TrimSpace(line), nil
 }
 
-// waitAgent waits until the guest answers a ping on the agent port.
+// waitAgent waits until the guest replies to a ping on the agent port.
 func waitAgent(t testing.TB, p *Provider, id string) {
 	t.Helper()
 	if err := pollAgent(context.Background(), p, id, guestBootTimeout); err != nil {
 		console, _ := p.Console(context.Background(), id)
-		t.Fatalf("guest %q did not answer on the agent port: %v\nconsole:\n%s", id, err, tail(console, 2000))
+		t.Fatalf("guest %q did not reply on the agent port: %v\nconsole:\n%s", id, err, tail(console, 2000))
 	}
 }
 
-// pollAgent pings the guest until it answers or timeout passes. Each try
+// pollAgent pings the guest until it replies or timeout passes. Each try
 // has a short deadline because a guest that is still booting does not
-// read the port, and the request then waits unanswered.
+// read the port, and the request then waits without a reply.
 func pollAgent(ctx context.Context, p *Provider, id string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	var lastErr error

@@ -15,23 +15,27 @@ import (
 type instance struct {
 	// opMu serializes the operations on this VM. It is held across QMP
 	// commands, so the event and wait goroutines never take it: they
-	// take only mu, which nobody holds across a blocking call.
+	// take only mu, which no code holds across a blocking call.
 	opMu sync.Mutex
 
-	cmd     *exec.Cmd
-	monitor *monitor
-	console *consoleRing
-	// serialLog and stderrLog are closed by the wait goroutine once the
-	// process has exited and its output is drained.
-	serialLog *os.File
-	stderrLog *os.File
-	// exited is closed once the process is reaped.
-	exited chan struct{}
-	// copyDone is closed once the console copy goroutine has drained
-	// QEMU's stdout.
-	copyDone chan struct{}
-	created  time.Time
-	log      *slog.Logger
+	// cmd is QEMU when this provider started it, and nil when it adopted
+	// a QEMU that an earlier provider started.
+	cmd *exec.Cmd
+	// pid is QEMU's process id, and pidfd a pidfd of an adopted QEMU.
+	pid   int
+	pidfd int
+	// wake is the write end of a pipe whose closing stops the wait
+	// goroutine of an adopted QEMU.
+	wake     *os.File
+	monitor  *monitor
+	console  *consoleRing
+	follower *consoleFollower
+	// accel is the accelerator QEMU runs under.
+	accel Accel
+	// exited is closed once the process has exited.
+	exited  chan struct{}
+	created time.Time
+	log     *slog.Logger
 
 	mu    sync.Mutex
 	id    string
@@ -54,6 +58,9 @@ type instance struct {
 	// registered is set once Create has returned the VM. Until then a
 	// failure is reported by Create's error, not logged.
 	registered bool
+	// detached is set by Provider.Close: QEMU keeps running for a later
+	// provider to adopt, and this one no longer tracks it.
+	detached bool
 }
 
 func (inst *instance) info() vm.Info {
@@ -67,8 +74,8 @@ func (inst *instance) info() vm.Info {
 		CreatedAt: inst.created,
 		Reason:    inst.reason,
 	}
-	if inst.cmd != nil && inst.cmd.Process != nil && !inst.exitedLocked() {
-		info.PID = inst.cmd.Process.Pid
+	if !inst.exitedLocked() {
+		info.PID = inst.pid
 	}
 	return info
 }

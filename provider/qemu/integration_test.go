@@ -15,8 +15,8 @@ import (
 )
 
 // TestBootDevicesAndShutdown boots a guest with a read-only root drive, a
-// throttled writable extra drive and the agent port, checks what the guest
-// sees, and powers it off through ACPI.
+// throttled writable extra drive and the agent port, checks the devices the
+// guest lists, and powers it off through ACPI.
 func TestBootDevicesAndShutdown(t *testing.T) {
 	p := newTestProvider(t, Options{})
 	ctx := t.Context()
@@ -92,7 +92,7 @@ func TestBootDevicesAndShutdown(t *testing.T) {
 }
 
 // TestSnapshotClones restores three clones of one snapshot, gives each a
-// hostname of its own and checks that each answers with its own identity
+// hostname of its own and checks that each replies with its own identity
 // and writes to its own copy of the writable drive.
 func TestSnapshotClones(t *testing.T) {
 	p := newTestProvider(t, Options{})
@@ -220,6 +220,7 @@ func TestVMMDeath(t *testing.T) {
 		}
 	}
 	waitAgent(t, p, "victim")
+
 	pid := mustGet(t, p, "victim").PID
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -228,6 +229,7 @@ func TestVMMDeath(t *testing.T) {
 	if !strings.Contains(info.Reason, "signal: killed") || info.PID != 0 {
 		t.Errorf("failed vm: reason %q pid %d", info.Reason, info.PID)
 	}
+
 	console, err := p.Console(ctx, "victim")
 	if err != nil || !bytes.Contains(console, []byte("EMBER-TESTINIT-READY")) {
 		t.Errorf("console after the crash: err %v, marker missing", err)
@@ -238,6 +240,7 @@ func TestVMMDeath(t *testing.T) {
 	if err := p.Pause(ctx, "victim"); !errors.Is(err, vm.ErrInvalidTransition) {
 		t.Errorf("pause failed vm: %v, want ErrInvalidTransition", err)
 	}
+
 	waitAgent(t, p, "bystander")
 	if err := p.Destroy(ctx, "victim"); err != nil {
 		t.Fatalf("destroy: %v", err)
@@ -289,5 +292,63 @@ func waitFor(t testing.TB, p *Provider, id string, want vm.State) vm.Info {
 			t.Fatalf("vm %q is %s (%s), want %s", id, info.State, info.Reason, want)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestSnapshotChain snapshots a restored VM that never ran, twice in a row
+// (the second copies the first, because QEMU does not migrate a VM again
+// before it has run), and restores the last snapshot.
+func TestSnapshotChain(t *testing.T) {
+	p := newTestProvider(t, Options{})
+	ctx := t.Context()
+	if _, err := p.Create(ctx, testConfig(t, "first")); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if err := p.Start(ctx, "first"); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	waitAgent(t, p, "first")
+	mustAsk(t, p, "first", "hostname chained")
+	if err := p.Pause(ctx, "first"); err != nil {
+		t.Fatalf("pause: %v", err)
+	}
+	if _, err := p.Snapshot(ctx, "first", vm.SnapshotOptions{ID: "one"}); err != nil {
+		t.Fatalf("snapshot one: %v", err)
+	}
+
+	ref := &vm.SnapshotRef{VMID: "first", SnapshotID: "one"}
+	if _, err := p.Create(ctx, vm.Config{ID: "second", RestoreFrom: ref}); err != nil {
+		t.Fatalf("restore second: %v", err)
+	}
+	for _, id := range []string{"two", "three"} {
+		if _, err := p.Snapshot(ctx, "second", vm.SnapshotOptions{ID: id}); err != nil {
+			t.Fatalf("snapshot %s of the restored vm: %v", id, err)
+		}
+	}
+	two, err := os.Stat(filepath.Join(p.snapshotDir, "second", "two", snapshotStateName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	three, err := os.Stat(filepath.Join(p.snapshotDir, "second", "three", snapshotStateName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if two.Size() != three.Size() {
+		t.Errorf("state sizes %d and %d, want the copy to equal the original", two.Size(), three.Size())
+	}
+
+	ref = &vm.SnapshotRef{VMID: "second", SnapshotID: "three", ResumeImmediately: true}
+	if _, err := p.Create(ctx, vm.Config{ID: "third", RestoreFrom: ref}); err != nil {
+		t.Fatalf("restore third: %v", err)
+	}
+	waitAgent(t, p, "third")
+	if got := mustAsk(t, p, "third", "whoami"); got != "chained" {
+		t.Errorf("third: whoami = %q, want the hostname set before the first snapshot", got)
+	}
+	if err := p.Resume(ctx, "second"); err != nil {
+		t.Fatalf("resume second: %v", err)
+	}
+	if got := mustAsk(t, p, "second", "whoami"); got != "chained" {
+		t.Errorf("second: whoami = %q", got)
 	}
 }

@@ -17,8 +17,9 @@ import (
 
 // Create starts QEMU for cfg. A cold boot leaves the VM created: QEMU runs
 // with its vCPUs stopped until Start. A restore loads the snapshot and
-// leaves the VM paused, or running when cfg.RestoreFrom asks to resume
-// immediately. A failed Create leaves no process or run directory behind.
+// leaves the VM paused, or running when cfg.RestoreFrom sets
+// ResumeImmediately. A failed Create leaves no process or run directory
+// behind.
 func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	cfg = cfg.Clone()
 	if err := cfg.Validate(); err != nil {
@@ -55,48 +56,16 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 		return nil, err
 	}
 
-	var (
-		m        machine
-		incoming *os.File
-		accel    Accel
-	)
-	if cfg.IsRestore() {
-		meta, err := p.readSnapshot(cfg.RestoreFrom.VMID, cfg.RestoreFrom.SnapshotID)
-		if err != nil {
-			return nil, err
-		}
-		if err := p.checkRestore(cfg, meta); err != nil {
-			return nil, err
-		}
-		if err := makeRunDir(dir); err != nil {
-			return nil, err
-		}
-		rb.add(func() error { return os.RemoveAll(dir) })
-		m, incoming, err = p.prepareRestore(cfg, meta, dir)
-		if err != nil {
-			return nil, err
-		}
+	m, incoming, accel, err := p.prepare(ctx, cfg, dir, &rb)
+	if err != nil {
+		return nil, err
+	}
+	if incoming != nil {
 		defer incoming.Close()
-		accel = p.acceleratorFor(ctx, m.Kernel)
-	} else {
-		m, err = machineFromConfig(cfg, p.vhostVsock)
-		if err != nil {
-			return nil, err
-		}
-		if err := checkHostFiles(&m, cfg); err != nil {
-			return nil, err
-		}
-		if err := makeRunDir(dir); err != nil {
-			return nil, err
-		}
-		rb.add(func() error { return os.RemoveAll(dir) })
-		accel = p.acceleratorFor(ctx, m.Kernel)
-		if accel == AccelTCG {
-			m.BootArgs = withTSCHint(m.BootArgs, p.tscKHz)
-		}
 	}
 
 	inst = &instance{
+		accel:   accel,
 		console: newConsoleRing(p.opts.ConsoleBytes, p.opts.ConsoleLines),
 		exited:  make(chan struct{}),
 		created: time.Now().UTC(),
@@ -158,9 +127,57 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 			return nil, fmt.Errorf("qemu reports status %q after start, expected prelaunch", status.Status)
 		}
 	}
-	p.log.Info("vm created", "vm", cfg.ID, "pid", inst.cmd.Process.Pid, "accel", accel,
+	inst.mu.Lock()
+	rec := inst.recordLocked()
+	inst.mu.Unlock()
+	if err := writeRecord(dir, rec); err != nil {
+		return nil, err
+	}
+	p.log.Info("vm created", "vm", cfg.ID, "pid", inst.pid, "accel", accel,
 		"restore", cfg.IsRestore(), "state", inst.currentState())
 	return inst, nil
+}
+
+// prepare checks cfg against the host, creates the run directory dir and
+// returns the machine to start, the accelerator and, for a restore, the
+// opened snapshot state file. Undo steps go on rb.
+func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *rollback) (machine, *os.File, Accel, error) {
+	if cfg.IsRestore() {
+		meta, err := p.readSnapshot(cfg.RestoreFrom.VMID, cfg.RestoreFrom.SnapshotID)
+		if err != nil {
+			return machine{}, nil, "", err
+		}
+		accel := p.acceleratorFor(ctx, meta.Machine.Kernel)
+		if err := p.checkRestore(cfg, meta, accel); err != nil {
+			return machine{}, nil, "", err
+		}
+		if err := makeRunDir(dir); err != nil {
+			return machine{}, nil, "", err
+		}
+		rb.add(func() error { return os.RemoveAll(dir) })
+		m, incoming, err := p.prepareRestore(cfg, meta, dir)
+		if err != nil {
+			return machine{}, nil, "", err
+		}
+		return m, incoming, accel, nil
+	}
+
+	m, err := machineFromConfig(cfg, p.vhostVsock)
+	if err != nil {
+		return machine{}, nil, "", err
+	}
+	if err := checkHostFiles(&m, cfg); err != nil {
+		return machine{}, nil, "", err
+	}
+	if err := makeRunDir(dir); err != nil {
+		return machine{}, nil, "", err
+	}
+	rb.add(func() error { return os.RemoveAll(dir) })
+	accel := p.acceleratorFor(ctx, m.Kernel)
+	if accel == AccelTCG {
+		m.BootArgs = withTSCHint(m.BootArgs, p.tscKHz)
+	}
+	return m, nil, accel, nil
 }
 
 // startFailure returns err, or QEMU's own exit message when QEMU exited
@@ -290,8 +307,8 @@ func (inst *instance) settle(op vm.Op) error {
 	return inst.transitionLocked(op)
 }
 
-// Shutdown asks a running guest to power off through an ACPI power-button
-// press and waits up to grace for QEMU to exit. A VM that is created or
+// Shutdown requests a power-off from a running guest with an ACPI
+// power-button press and waits up to grace for QEMU to exit. A VM that is created or
 // paused cannot handle the press, so it skips that step. If QEMU is still
 // running after grace (or ctx ends first), Shutdown sends SIGTERM, then
 // SIGKILL after StopTimeout, and always reaps the process.
@@ -420,13 +437,18 @@ func (p *Provider) Rename(ctx context.Context, id, newID string) error {
 	inst.cfg.ID = newID
 	delete(p.vms, id)
 	p.vms[newID] = inst
+	if err := writeRecord(newDir, inst.recordLocked()); err != nil {
+		// QEMU and the provider run on under the new id, but a later
+		// provider cannot adopt this VM.
+		p.log.Warn("vm record not updated after rename", "vm", newID, "err", err)
+	}
 	p.log.Info("vm renamed", "vm", newID, "old_id", id)
 	return nil
 }
 
 // DialAgent connects to the host end of VM id's "ember.agent"
 // virtio-serial port. QEMU serves one connection at a time on it, and the
-// guest sees the port open while a connection exists.
+// guest's end of the port is open while a connection exists.
 func (p *Provider) DialAgent(ctx context.Context, id string) (net.Conn, error) {
 	inst, err := p.lookup(id)
 	if err != nil {

@@ -18,7 +18,7 @@ type machine struct {
 	Kernel     string `json:"kernel"`
 	Initrd     string `json:"initrd,omitempty"`
 	BootArgs   string `json:"boot_args"`
-	// Drives are in attach order, root drive first. The guest sees them as
+	// Drives are in attach order, root drive first. The guest names them
 	// vda, vdb and so on in this order.
 	Drives []machineDrive `json:"drives,omitempty"`
 	NICs   []machineNIC   `json:"nics,omitempty"`
@@ -74,6 +74,9 @@ func machineFromConfig(cfg *vm.Config, haveVhostVsock bool) (machine, error) {
 		if !haveVhostVsock {
 			return machine{}, &vm.UnsupportedError{Feature: "vsock without /dev/vhost-vsock", Backend: backendName}
 		}
+		// NOTE: vhost-vsock joins the guest to the host's AF_VSOCK
+		// address family, so no Unix socket appears at uds_path. This path
+		// is untested: the project's machines have no /dev/vhost-vsock.
 		m.VsockCID = cfg.Vsock.GuestCID
 	}
 	return m, nil

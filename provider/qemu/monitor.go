@@ -13,6 +13,11 @@ import (
 	"github.com/embervm/ember/vm"
 )
 
+// qmpHandshakeTimeout bounds the wait for QEMU's QMP greeting. QEMU 7.2
+// does not serve its monitor while it loads a snapshot from a file, so the
+// bound must cover the load of a large snapshot.
+const qmpHandshakeTimeout = 2 * time.Minute
+
 // monitor is a QMP connection to one QEMU process. Commands run one at a
 // time. Events go to the handler given to dialMonitor, from a goroutine that
 // drains them all the time: the QMP library delivers events and command
@@ -28,29 +33,14 @@ type monitor struct {
 // created it, the deadline passes or exited is closed. It completes the
 // capability negotiation and starts draining events into handle.
 func dialMonitor(ctx context.Context, path string, exited <-chan struct{}, handle func(qmp.Event)) (*monitor, error) {
-	deadline := time.Now().Add(defaultQMPDialTimeout)
-	var mon *qmp.SocketMonitor
-	for {
-		var err error
-		mon, err = qmp.NewSocketMonitor("unix", path, time.Second)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("connect to qmp socket %s: %w", path, err)
-		}
-		select {
-		case <-exited:
-			return nil, errors.New("qemu exited before its qmp socket accepted a connection")
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(5 * time.Millisecond):
-		}
+	mon, err := dialQMPSocket(ctx, path, exited)
+	if err != nil {
+		return nil, err
 	}
-	if err := mon.Connect(); err != nil {
-		mon.Disconnect()
-		return nil, fmt.Errorf("negotiate qmp capabilities on %s: %w", path, err)
+	if err := handshake(ctx, mon, path, exited); err != nil {
+		return nil, err
 	}
+
 	events, err := mon.Events(context.Background())
 	if err != nil {
 		mon.Disconnect()
@@ -66,12 +56,55 @@ func dialMonitor(ctx context.Context, path string, exited <-chan struct{}, handl
 	return m, nil
 }
 
-// version returns the QEMU version from the QMP greeting.
-func (m *monitor) version() string {
-	if m.mon.Version == nil {
-		return ""
+// dialQMPSocket connects to path, retrying while QEMU has not created the
+// socket yet.
+func dialQMPSocket(ctx context.Context, path string, exited <-chan struct{}) (*qmp.SocketMonitor, error) {
+	deadline := time.Now().Add(defaultQMPDialTimeout)
+	for {
+		mon, err := qmp.NewSocketMonitor("unix", path, time.Second)
+		if err == nil {
+			return mon, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("connect to qmp socket %s: %w", path, err)
+		}
+		select {
+		case <-exited:
+			return nil, errors.New("qemu exited before its qmp socket accepted a connection")
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
 	}
-	return m.mon.Version.String()
+}
+
+// handshake reads QEMU's greeting and negotiates capabilities. QEMU greets
+// only one client at a time and not while it loads a migration stream, so
+// the handshake has its own bound. Disconnecting makes a blocked Connect
+// return. On failure mon is disconnected.
+func handshake(ctx context.Context, mon *qmp.SocketMonitor, path string, exited <-chan struct{}) error {
+	connected := make(chan error, 1)
+	go func() { connected <- mon.Connect() }()
+
+	var err error
+	select {
+	case err = <-connected:
+		if err == nil {
+			return nil
+		}
+		mon.Disconnect()
+		return fmt.Errorf("qmp handshake on %s: %w", path, err)
+	case <-exited:
+		err = errors.New("qemu exited during the qmp handshake")
+	case <-ctx.Done():
+		err = ctx.Err()
+	case <-time.After(qmpHandshakeTimeout):
+		err = fmt.Errorf("timed out after %s, another client may hold the monitor", qmpHandshakeTimeout)
+	}
+	// Connect is still running: end it and wait for it.
+	mon.Disconnect()
+	<-connected
+	return fmt.Errorf("qmp handshake on %s: %w", path, err)
 }
 
 // run executes a QMP command and decodes its "return" value into out when

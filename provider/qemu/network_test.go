@@ -48,7 +48,7 @@ func run(t *testing.T, name string, args ...string) string {
 }
 
 // tapAttached reports whether a process has TAP device tap in namespace ns
-// open: the kernel shows NO-CARRIER on a TAP nobody has attached.
+// open: the kernel shows NO-CARRIER on a TAP that no process has attached.
 func tapAttached(t *testing.T, ns, tap string) bool {
 	return !strings.Contains(run(t, "ip", "-n", ns, "link", "show", tap), "NO-CARRIER")
 }

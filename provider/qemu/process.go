@@ -3,7 +3,6 @@ package qemu
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"runtime"
@@ -18,43 +17,42 @@ import (
 )
 
 // startProcess starts QEMU with args for inst. extra are inherited as
-// descriptors 3, 4 and so on. QEMU's stdin is /dev/null, its stdout (the
-// serial console) goes to the console log and ring buffer, and its stderr
-// to qemu.log in the run directory. A goroutine reaps the process and
-// records its exit in inst.
+// descriptors 3, 4 and so on. QEMU's stdin and stdout are /dev/null, its
+// stderr goes to qemu.log in the run directory, and the serial console to
+// serial.log, which a follower copies into the ring buffer. A goroutine
+// reaps the process and records its exit in inst.
 func (p *Provider) startProcess(inst *instance, args []string, extra []*os.File) error {
-	serialLog, err := os.OpenFile(inst.path(serialLogName), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	stderrLog, err := os.OpenFile(inst.path(stderrLogName), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
 	}
-	stderrLog, err := os.OpenFile(inst.path(stderrLogName), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	defer stderrLog.Close()
+	follower, err := newConsoleFollower(inst.path(serialLogName), inst.console)
 	if err != nil {
-		serialLog.Close()
 		return err
 	}
 
 	cmd := exec.Command(p.binary, args...)
-	cmd.Stdin = nil
-	cmd.Stdout = io.MultiWriter(serialLog, inst.console)
 	cmd.Stderr = stderrLog
 	cmd.ExtraFiles = extra
 	cmd.Env = []string{}
-	// Its own process group keeps terminal signals meant for the caller,
-	// such as ^C in an interactive ember command, away from QEMU.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	// Bound the wait for the console copy after exit in case a descriptor
-	// of QEMU's stdout pipe outlives it.
-	cmd.WaitDelay = 2 * time.Second
+	// A session of its own keeps terminal signals and hangups meant for
+	// the caller, such as ^C in an interactive ember command, away from
+	// QEMU, which outlives the caller when the provider is closed.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 
 	if err := p.startInNetNS(cmd); err != nil {
-		serialLog.Close()
-		stderrLog.Close()
+		follower.close()
 		return fmt.Errorf("start %s: %w", p.binary, err)
 	}
 	inst.cmd = cmd
-	inst.serialLog = serialLog
-	inst.stderrLog = stderrLog
-	go p.reap(inst)
+	inst.pid = cmd.Process.Pid
+	inst.follower = follower
+	go follower.run()
+	go func() {
+		err := cmd.Wait()
+		p.finishExit(inst, err)
+	}()
 	return nil
 }
 
@@ -100,13 +98,11 @@ func (p *Provider) startInNetNS(cmd *exec.Cmd) error {
 	return <-errc
 }
 
-// reap waits for QEMU to exit and moves the VM to the state the exit
-// implies: stopped after a guest power-off or a stop that the provider
-// asked for, failed after anything else. It then releases the QMP
-// connection and the log files.
-func (p *Provider) reap(inst *instance) {
-	err := inst.cmd.Wait()
-
+// finishExit records the exit of QEMU, reported by exitErr, and moves the
+// VM to the state the exit implies: stopped after a guest power-off or a
+// stop that the provider requested, failed after anything else. It then
+// releases the QMP connection and the console follower.
+func (p *Provider) finishExit(inst *instance, exitErr error) {
 	// QEMU's exit ends the QMP connection. Let the event goroutine handle
 	// the events sent before it, such as a guest SHUTDOWN, so that the
 	// exit is judged with them.
@@ -121,32 +117,37 @@ func (p *Provider) reap(inst *instance) {
 	}
 
 	inst.mu.Lock()
-	inst.exitErr = err
+	inst.exitErr = exitErr
 	close(inst.exited)
 	mon = inst.monitor
 	inst.monitor = nil
 	switch {
-	case inst.stopping:
-		// The operation that stopped QEMU records the new state.
+	case inst.stopping || inst.detached:
+		// The operation that stopped QEMU records the new state, and a
+		// detached VM belongs to whichever provider adopts it.
 	case inst.guestShutdown != "" && inst.state == vm.StateRunning:
 		inst.transitionLocked(vm.OpGuestExit)
 		inst.reason = "guest shut down (" + inst.guestShutdown + ")"
 	case vm.Allowed(inst.state, vm.OpFail):
 		inst.transitionLocked(vm.OpFail)
-		inst.reason = "qemu exited unexpectedly: " + describeExit(err, inst.stderrTail())
+		inst.reason = "qemu exited unexpectedly: " + describeExit(exitErr, inst.stderrTail())
 	}
-	id, state, reason, registered := inst.id, inst.state, inst.reason, inst.registered
+	id, state, reason := inst.id, inst.state, inst.reason
+	logged := inst.registered && !inst.detached
 	inst.mu.Unlock()
 
 	if mon != nil {
 		mon.close()
 	}
-	inst.serialLog.Close()
-	inst.stderrLog.Close()
-	if state == vm.StateFailed && registered {
-		inst.log.Error("qemu exited unexpectedly", "vm", id, "err", err, "reason", reason)
-	} else {
-		inst.log.Info("qemu exited", "vm", id, "state", state, "exit", describeExit(err, ""))
+	if inst.follower != nil {
+		inst.follower.stop()
+	}
+	switch {
+	case !logged:
+	case state == vm.StateFailed:
+		inst.log.Error("qemu exited unexpectedly", "vm", id, "err", exitErr, "reason", reason)
+	default:
+		inst.log.Info("qemu exited", "vm", id, "state", state, "exit", describeExit(exitErr, ""))
 	}
 }
 
@@ -210,13 +211,20 @@ func (inst *instance) mon() (*monitor, error) {
 	return inst.monitor, nil
 }
 
-// signal sends sig to QEMU unless it has exited.
-func (inst *instance) signal(sig os.Signal) {
+// signal sends sig to QEMU unless it has exited. A child is signalled
+// through its os.Process and an adopted process through its pidfd, so a
+// recycled pid is never hit.
+func (inst *instance) signal(sig syscall.Signal) {
 	select {
 	case <-inst.exited:
+		return
 	default:
-		inst.cmd.Process.Signal(sig)
 	}
+	if inst.cmd != nil {
+		inst.cmd.Process.Signal(sig)
+		return
+	}
+	unix.PidfdSendSignal(inst.pidfd, sig, nil, 0)
 }
 
 // waitExit waits up to d for QEMU to exit and reports whether it did.

@@ -65,10 +65,10 @@ type Options struct {
 	// console log file in the run directory is not bounded.
 	ConsoleBytes int
 	ConsoleLines int
-	// TSCKHz is the TSC frequency that TCG guests are told through the
+	// TSCKHz is the TSC frequency in kHz passed to TCG guests through the
 	// tsc_early_khz kernel parameter, unless their boot args set it. 0
-	// means the host's, read from /proc/cpuinfo where the host kernel
-	// knows it exactly; a negative value turns the hint off. Without it, a
+	// means the host's, read from /proc/cpuinfo when the host kernel has
+	// the exact value. A negative value turns the hint off. Without it, a
 	// TCG guest on a busy host can hang while it calibrates its clock.
 	TSCKHz int
 	// NetNS is the path of a network namespace, such as
@@ -114,8 +114,10 @@ var (
 var versionPattern = regexp.MustCompile(`QEMU emulator version (\d+\.\d+\.\d+)`)
 
 // New checks that the QEMU binary runs, creates the run and snapshot
-// directories and returns a provider. With AccelAuto the accelerator is
-// chosen at the first cold boot, because the KVM probe needs a kernel.
+// directories, adopts the VMs that an earlier provider left running in
+// RunDir (see [Provider.Close]) and returns a provider. With AccelAuto the
+// accelerator is chosen at the first cold boot, because the KVM probe
+// needs a kernel.
 func New(ctx context.Context, opts Options) (*Provider, error) {
 	switch opts.Accel {
 	case "":
@@ -181,6 +183,7 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 		p.accelOnce.Do(func() { p.accel = opts.Accel })
 		p.log.Info("accelerator selected", "accel", p.accel, "reason", "set in options")
 	}
+	p.adoptAll(ctx)
 	return p, nil
 }
 
@@ -229,6 +232,9 @@ func (p *Provider) Console(_ context.Context, id string) ([]byte, error) {
 	inst, err := p.lookup(id)
 	if err != nil {
 		return nil, fmt.Errorf("read console of vm %q: %w", id, err)
+	}
+	if inst.follower != nil {
+		inst.follower.poll()
 	}
 	return inst.console.Bytes(), nil
 }

@@ -31,13 +31,17 @@ const (
 // snapshotMeta is machine.json: what a restore needs besides the
 // migration stream.
 type snapshotMeta struct {
-	Format      int       `json:"format"`
-	Backend     string    `json:"backend"`
-	QEMUVersion string    `json:"qemu_version"`
-	ID          string    `json:"id"`
-	VMID        string    `json:"vm_id"`
-	CreatedAt   time.Time `json:"created_at"`
-	Machine     machine   `json:"machine"`
+	Format      int    `json:"format"`
+	Backend     string `json:"backend"`
+	QEMUVersion string `json:"qemu_version"`
+	// Accel is the accelerator the VM ran under. A restore must use the
+	// same one, because the CPU model differs: -cpu host under KVM, QEMU's
+	// default model under TCG.
+	Accel     Accel     `json:"accel"`
+	ID        string    `json:"id"`
+	VMID      string    `json:"vm_id"`
+	CreatedAt time.Time `json:"created_at"`
+	Machine   machine   `json:"machine"`
 	// StateSize is the length of the state file in bytes.
 	StateSize int64 `json:"state_size"`
 	// Drives parallels Machine.Drives.
@@ -142,6 +146,7 @@ func (p *Provider) snapshot(ctx context.Context, inst *instance, snapID string) 
 		Format:      snapshotFormat,
 		Backend:     backendName,
 		QEMUVersion: p.version,
+		Accel:       inst.accel,
 		ID:          snapID,
 		VMID:        vmID,
 		CreatedAt:   time.Now().UTC(),
@@ -285,9 +290,9 @@ func (p *Provider) readSnapshot(vmID, snapID string) (*snapshotMeta, error) {
 	return &meta, nil
 }
 
-// checkRestore checks that snapshot meta can be restored as cfg asks,
+// checkRestore checks that snapshot meta can be restored as cfg requests,
 // before anything is started.
-func (p *Provider) checkRestore(cfg *vm.Config, meta *snapshotMeta) error {
+func (p *Provider) checkRestore(cfg *vm.Config, meta *snapshotMeta, accel Accel) error {
 	ref := cfg.RestoreFrom
 	name := ref.VMID + "/" + ref.SnapshotID
 	dir := filepath.Join(p.snapshotDir, ref.VMID, ref.SnapshotID)
@@ -295,6 +300,9 @@ func (p *Provider) checkRestore(cfg *vm.Config, meta *snapshotMeta) error {
 
 	if meta.QEMUVersion != p.version {
 		return fmt.Errorf("snapshot %s was written by qemu %s, this is qemu %s: %w", name, meta.QEMUVersion, p.version, vm.ErrSnapshotIncompatible)
+	}
+	if meta.Accel != accel {
+		return fmt.Errorf("snapshot %s was taken under %s, this provider uses %s: %w", name, meta.Accel, accel, vm.ErrSnapshotIncompatible)
 	}
 	if cfg.VCPUCount != 0 && cfg.VCPUCount != m.VCPUCount {
 		return fmt.Errorf("snapshot %s has %d vcpus, the spec expects %d: %w", name, m.VCPUCount, cfg.VCPUCount, vm.ErrSnapshotIncompatible)
@@ -384,7 +392,7 @@ func (p *Provider) prepareRestore(cfg *vm.Config, meta *snapshotMeta, dir string
 }
 
 // finishRestore waits until QEMU has loaded the migration stream, then
-// resumes the VM when ref asks for it. A stream that QEMU cannot load
+// resumes the VM when ref sets ResumeImmediately. A stream that QEMU cannot load
 // makes it exit, and its message is returned.
 func (p *Provider) finishRestore(ctx context.Context, inst *instance, ref *vm.SnapshotRef) error {
 	mon, err := inst.mon()

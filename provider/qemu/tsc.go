@@ -53,7 +53,8 @@ func hostTSCKHz() int {
 // parseCPUInfoTSC reads the first processor's entry of a /proc/cpuinfo
 // listing. It trusts "cpu MHz" as the TSC frequency only when the flags
 // include constant_tsc (the TSC ticks at a fixed rate) and tsc_known_freq
-// (the kernel was told the TSC frequency instead of estimating it). On
+// (the kernel read the TSC frequency from the CPU or hypervisor instead of
+// estimating it). On
 // other hosts "cpu MHz" can be the current, scaled core clock, so it
 // returns 0.
 func parseCPUInfoTSC(r io.Reader) int {

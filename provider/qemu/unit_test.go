@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -238,7 +239,7 @@ func TestWithTSCHint(t *testing.T) {
 // restore relies on.
 func FuzzReadSnapshot(f *testing.F) {
 	good, _ := json.Marshal(snapshotMeta{
-		Format: snapshotFormat, Backend: backendName, QEMUVersion: "7.2.22", ID: "s", VMID: "v",
+		Format: snapshotFormat, Backend: backendName, QEMUVersion: "7.2.22", Accel: AccelTCG, ID: "s", VMID: "v",
 		Machine:   machine{VCPUCount: 1, MemSizeMiB: 64, Kernel: "/k", BootArgs: "x", Drives: []machineDrive{{ID: "rootfs", Path: "/r"}}},
 		StateSize: 10, Drives: []snapshotDrive{{Copy: "0-rootfs.img", Size: 5}},
 	})
@@ -310,4 +311,126 @@ func TestCopyFileKeepsHoles(t *testing.T) {
 	if _, err := copyFile(dst, src); !errors.Is(err, os.ErrExist) {
 		t.Errorf("copy onto an existing file: err = %v, want ErrExist", err)
 	}
+}
+
+func TestMakeRunDir(t *testing.T) {
+	root := t.TempDir()
+	cases := []struct {
+		name    string
+		pidFile string // content of qemu.pid in an existing directory; "-" for no directory
+		wantErr error
+	}{
+		{"new directory", "-", nil},
+		{"stale directory without pid file", "", nil},
+		{"stale directory of a dead qemu", "2147483646", nil},
+		{"garbage pid file", "not a pid", nil},
+		{"directory of a live qemu", strconv.Itoa(os.Getpid()), vm.ErrAlreadyExists},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(root, strconv.Itoa(i))
+			if tc.pidFile != "-" {
+				if err := os.Mkdir(dir, 0o700); err != nil {
+					t.Fatal(err)
+				}
+				writeFile(t, filepath.Join(dir, "leftover"), nil)
+				if tc.pidFile != "" {
+					writeFile(t, filepath.Join(dir, pidFileName), []byte(tc.pidFile+"\n"))
+				}
+			}
+			err := makeRunDir(dir)
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("makeRunDir: err = %v, want %v", err, tc.wantErr)
+			}
+			_, leftover := os.Stat(filepath.Join(dir, "leftover"))
+			if tc.wantErr == nil && leftover == nil {
+				t.Errorf("stale file survived")
+			}
+			if tc.wantErr != nil && leftover != nil {
+				t.Errorf("the live vm's directory was changed: %v", leftover)
+			}
+		})
+	}
+}
+
+func validRecord() vmRecord {
+	return vmRecord{
+		Format: recordFormat, ID: "vm1", PID: 42, Accel: AccelTCG,
+		Config:  vm.Config{ID: "vm1", Kernel: "/k", VCPUCount: 1, MemSizeMiB: 64},
+		Machine: machine{VCPUCount: 1, MemSizeMiB: 64, Kernel: "/k", BootArgs: "x"},
+	}
+}
+
+func TestRecordRoundTrip(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "vm1")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeRecord(dir, validRecord()); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	got, err := readRecord(dir)
+	if err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if got.ID != "vm1" || got.PID != 42 || got.Machine.MemSizeMiB != 64 || got.Config.Kernel != "/k" {
+		t.Errorf("record = %+v", got)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Errorf("directory holds %d entries, want only vm.json", len(entries))
+	}
+
+	cases := []struct {
+		name   string
+		mutate func(*vmRecord)
+		want   string
+	}{
+		{"other format", func(r *vmRecord) { r.Format = 2 }, "format"},
+		{"id of another directory", func(r *vmRecord) { r.ID = "vm2" }, "run directory"},
+		{"invalid id", func(r *vmRecord) { r.ID = "a/b" }, "id"},
+		{"no pid", func(r *vmRecord) { r.PID = 0 }, "pid"},
+		{"unknown accelerator", func(r *vmRecord) { r.Accel = AccelAuto }, "accelerator"},
+		{"invalid machine", func(r *vmRecord) { r.Machine.VCPUCount = 0 }, "machine"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := validRecord()
+			tc.mutate(&rec)
+			b, _ := json.Marshal(rec)
+			writeFile(t, filepath.Join(dir, recordName), b)
+			if _, err := readRecord(dir); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("readRecord: err = %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// FuzzReadRecord feeds arbitrary vm.json contents to the record reader,
+// which must reject them or return a record that adoption can rely on.
+func FuzzReadRecord(f *testing.F) {
+	good, _ := json.Marshal(validRecord())
+	f.Add(good)
+	f.Add([]byte(`{"format":1,"id":"vm1","pid":-1}`))
+	f.Add([]byte(`[]`))
+	root := f.TempDir()
+	dir := filepath.Join(root, "vm1")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if err := os.WriteFile(filepath.Join(dir, recordName), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		rec, err := readRecord(dir)
+		if err != nil {
+			return
+		}
+		if rec.ID != "vm1" || rec.PID <= 0 || rec.Format != recordFormat || (rec.Accel != AccelKVM && rec.Accel != AccelTCG) {
+			t.Fatalf("accepted record %+v", rec)
+		}
+		if err := rec.Machine.validate(); err != nil {
+			t.Fatalf("accepted machine fails validation: %v", err)
+		}
+	})
 }

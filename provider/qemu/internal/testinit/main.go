@@ -1,14 +1,15 @@
 //go:build linux
 
-// Command testinit is the /init of the guest that the qemu provider's tests
-// boot. It is not the Ember guest agent: it stands in for it until a real
-// image is available and serves a tiny line protocol that the tests use to
-// see the guest's devices and identity.
+// Command testinit is the /init of the guest that most of the qemu
+// provider's tests boot. It is not the Ember guest agent: it serves a tiny
+// line protocol that lets the tests read the guest's devices and identity
+// without depending on the agent's protocol.
 //
-// At boot it mounts /proc, /sys and /dev, loads every kernel module it finds
-// under /lib/modules (the Debian cloud kernel builds virtio, virtio_mmio,
+// At boot it mounts /proc, /sys and /dev and loads the modules listed in
+// /etc/ember/modules (an Ember image's list), then every other module under
+// /lib/modules. The Debian cloud kernel builds virtio, virtio_mmio,
 // virtio_console, virtio_blk, virtio_net, the ACPI button and evdev as
-// modules), prints [ReadyMarker] on the console and then serves the
+// modules. It then prints [ReadyMarker] on the console and serves the
 // virtio-serial port named "ember.agent". It powers the machine off when the
 // ACPI power button is pressed or when asked to over the port.
 //
@@ -47,6 +48,9 @@ const sysFinitModule = 313
 
 func main() {
 	mountAll()
+	if list, err := os.ReadFile("/etc/ember/modules"); err == nil {
+		loadModuleList(strings.Fields(string(list)))
+	}
 	loadModules("/lib/modules")
 	fmt.Printf("%s\n", ReadyMarker)
 	go watchPowerButton()
@@ -62,6 +66,16 @@ func mountAll() {
 		os.MkdirAll(m.dst, 0o755)
 		if err := syscall.Mount(m.src, m.dst, m.fstype, 0, ""); err != nil && err != syscall.EBUSY {
 			fmt.Printf("testinit: mount %s: %v\n", m.dst, err)
+		}
+	}
+}
+
+// loadModuleList loads the modules of an Ember image's module list, in
+// its order.
+func loadModuleList(paths []string) {
+	for _, path := range paths {
+		if strings.HasPrefix(path, "/") {
+			loadModule(path)
 		}
 	}
 }
