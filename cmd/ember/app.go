@@ -59,6 +59,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ [
 		return exitOK
 	case errors.Is(err, errSilent):
 		return exitFailure
+	case errors.As(err, new(exitStatus)):
+		var st exitStatus
+		errors.As(err, &st)
+		if st.signal != "" {
+			fmt.Fprintf(stderr, "ember: %v\n", err)
+			return exitFailure
+		}
+		return st.code
 	case errors.As(err, new(usageError)):
 		fmt.Fprintf(stderr, "ember: %v\nRun 'ember --help' for usage.\n", err)
 		return exitUsage
@@ -95,6 +103,7 @@ func (a *app) rootCommand() *cobra.Command {
 		a.snapshotCommand(),
 		newImageCommand(a),
 		a.runCommand(),
+		a.vmCommand(),
 	)
 	return root
 }

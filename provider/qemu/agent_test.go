@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/embervm/ember/image"
 	"net"
 	"os"
 	"path/filepath"
@@ -32,8 +33,8 @@ func agentConfig(t testing.TB, id string) vm.Config {
 	bundle := os.Getenv(bundleEnv)
 	cfg := vm.Config{
 		ID:              id,
-		Kernel:          filepath.Join(bundle, "vmlinux"),
-		Initrd:          filepath.Join(bundle, "initramfs"),
+		Kernel:          filepath.Join(bundle, image.VmlinuxFile),
+		Initrd:          filepath.Join(bundle, image.InitramfsFile),
 		VCPUCount:       1,
 		MemSizeMiB:      testMemMiB,
 		BootArgs:        vm.DefaultBootArgs,
@@ -42,7 +43,7 @@ func agentConfig(t testing.TB, id string) vm.Config {
 	if extra := os.Getenv(agentBootArgsEnv); extra != "" {
 		cfg.BootArgs += " " + extra
 		if strings.Contains(extra, "ember.mode=switchroot") {
-			cfg.Rootfs = filepath.Join(bundle, "rootfs.ext4")
+			cfg.Rootfs = filepath.Join(bundle, image.RootfsFile)
 			cfg.RootfsReadOnly = true
 		}
 	}

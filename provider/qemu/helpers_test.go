@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/embervm/ember/image"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,9 +20,9 @@ import (
 )
 
 // The integration tests boot real guests. They need QEMU and a guest
-// bundle: a directory with a PVH "vmlinux" and an "initramfs" (a newc cpio
-// archive, compressed or not) that contains the virtio kernel modules under
-// /lib/modules. The tests append their own /init (internal/testinit) to the
+// bundle from `ember image build`: a directory with a PVH vmlinux and an
+// initramfs (a newc cpio archive) that contains the virtio kernel modules
+// under /lib/modules. The tests append their own /init (internal/testinit) to the
 // bundle's initramfs, so the bundle's own init does not run.
 const bundleEnv = "EMBER_TEST_BUNDLE"
 
@@ -86,8 +87,8 @@ func buildGuest() (testGuest, string) {
 	if bundle == "" {
 		return testGuest{}, bundleEnv + " is not set: point it at a guest bundle directory containing vmlinux and initramfs (see `ember image build`)"
 	}
-	kernel := filepath.Join(bundle, "vmlinux")
-	baseInitrd := filepath.Join(bundle, "initramfs")
+	kernel := filepath.Join(bundle, image.VmlinuxFile)
+	baseInitrd := filepath.Join(bundle, image.InitramfsFile)
 	for _, f := range []string{kernel, baseInitrd} {
 		if _, err := os.Stat(f); err != nil {
 			return testGuest{}, fmt.Sprintf("%s=%s: %v", bundleEnv, bundle, err)

@@ -109,6 +109,7 @@ var (
 	_ vm.AgentDialer     = (*Provider)(nil)
 	_ vm.SnapshotDeleter = (*Provider)(nil)
 	_ vm.VersionReporter = (*Provider)(nil)
+	_ vm.Detacher        = (*Provider)(nil)
 )
 
 var versionPattern = regexp.MustCompile(`QEMU emulator version (\d+\.\d+\.\d+)`)

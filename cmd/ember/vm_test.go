@@ -1,0 +1,119 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/embervm/ember/vm"
+)
+
+// guestEnv returns the environment for CLI tests on a real guest, or skips.
+func guestEnv(t *testing.T) (env []string, bundle, runDir string) {
+	t.Helper()
+	bundle = os.Getenv("EMBER_TEST_BUNDLE")
+	if bundle == "" {
+		t.Skip("set EMBER_TEST_BUNDLE to a guest bundle (ember image build --dir DIR) to run CLI tests on a real guest")
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("qemu-system-x86_64 not found: install Debian's qemu-system-x86 package")
+	}
+	runDir = t.TempDir()
+	env = []string{"EMBER_STATE_DIR=" + t.TempDir(), "EMBER_RUN_DIR=" + runDir, "EMBER_QEMU_ACCEL=tcg"}
+	t.Cleanup(func() {
+		// Whatever a failed test left running goes with it.
+		runCLI(t, env, "vm", "rm", "cli-a", "cli-b", "cli-c")
+	})
+	return env, bundle, runDir
+}
+
+// mustRun runs ember and fails the test unless it exits with want.
+func mustRun(t *testing.T, env []string, want int, args ...string) string {
+	t.Helper()
+	stdout, stderr, code := runCLI(t, env, args...)
+	if code != want {
+		t.Fatalf("ember %s: exit %d, want %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, want, stdout, stderr)
+	}
+	return stdout
+}
+
+func TestVMCommandsOnRealGuest(t *testing.T) {
+	env, bundle, runDir := guestEnv(t)
+
+	mustRun(t, env, exitOK, "vm", "create", "cli-a", "--bundle", bundle, "--mem", "128")
+	mustRun(t, env, exitOK, "vm", "start", "cli-a")
+	if out := mustRun(t, env, exitOK, "vm", "exec", "cli-a", "--", "uname", "-s"); out != "Linux\n" {
+		t.Fatalf("uname -s printed %q", out)
+	}
+	mustRun(t, env, 7, "vm", "exec", "cli-a", "--", "sh", "-c", "exit 7")
+	mustRun(t, env, exitOK, "vm", "exec", "cli-a", "--", "sh", "-c", "echo before > /tmp/mark")
+
+	out := mustRun(t, env, exitOK, "vm", "snapshot", "cli-a", "s1", "-o", "json")
+	var m struct {
+		ID, VMID, Backend string
+		Files             []struct{ Size int64 }
+	}
+	if err := json.Unmarshal([]byte(out), &m); err != nil || m.ID != "s1" || m.Backend != "qemu" || len(m.Files) == 0 {
+		t.Fatalf("snapshot report %q (%v)", out, err)
+	}
+	mustRun(t, env, exitOK, "vm", "restore", "cli-a/s1", "cli-b", "--resume")
+	if out := mustRun(t, env, exitOK, "vm", "exec", "cli-b", "--", "cat", "/tmp/mark"); out != "before\n" {
+		t.Fatalf("restored clone read %q from /tmp/mark", out)
+	}
+	mustRun(t, env, exitOK, "vm", "pause", "cli-b")
+	mustRun(t, env, exitOK, "vm", "rename", "cli-b", "cli-c")
+	mustRun(t, env, exitOK, "vm", "resume", "cli-c")
+
+	var infos []vm.Info
+	if err := json.Unmarshal([]byte(mustRun(t, env, exitOK, "vm", "ls", "-o", "json")), &infos); err != nil {
+		t.Fatal(err)
+	}
+	if len(infos) != 2 || infos[0].ID != "cli-a" || infos[1].ID != "cli-c" || infos[1].State != vm.StateRunning {
+		t.Fatalf("vm ls = %+v", infos)
+	}
+	if out := mustRun(t, env, exitOK, "vm", "console", "cli-a"); !strings.Contains(out, "ember-agent") {
+		t.Fatalf("console lacks the agent's lines: %q", out)
+	}
+
+	mustRun(t, env, exitOK, "vm", "shutdown", "cli-a", "--grace", "20s")
+	var info vm.Info
+	json.Unmarshal([]byte(mustRun(t, env, exitOK, "vm", "inspect", "cli-a")), &info)
+	if info.State != vm.StateStopped {
+		t.Fatalf("state after shutdown = %s", info.State)
+	}
+	mustRun(t, env, exitOK, "vm", "rm", "cli-a", "cli-c")
+	entries, _ := os.ReadDir(filepath.Join(runDir, "qemu"))
+	if len(entries) != 0 {
+		t.Fatalf("run directory not empty after rm: %v", entries)
+	}
+}
+
+func TestVMCommandErrors(t *testing.T) {
+	env, bundle, runDir := guestEnv(t)
+	cases := []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"vm", "create", "cli-a", "--bundle", bundle, "--nic", "eth0"}, exitUsage, "use IFACE=TAP"},
+		{[]string{"vm", "create", "cli-a", "--bundle", bundle, "--vcpus", "0"}, exitFailure, "vcpu_count: 0 is invalid"},
+		{[]string{"vm", "create", "cli-a", "--bundle", bundle, "--kernel", "/nonexistent/vmlinux"}, exitFailure, "/nonexistent/vmlinux"},
+		{[]string{"vm", "create", "cli-a", "--bundle", bundle, "--nic", "eth0=a-tap-name-too-long"}, exitFailure, "must be at most 15"},
+		{[]string{"vm", "start", "cli-zzz"}, exitFailure, "not found"},
+		{[]string{"vm", "restore", "cli-zzz/nope", "cli-b"}, exitFailure, "snapshot not found"},
+		{[]string{"vm", "exec", "cli-a"}, exitUsage, "needs a VM id and a command"},
+	}
+	for _, tc := range cases {
+		_, stderr, code := runCLI(t, env, tc.args...)
+		if code != tc.code || !strings.Contains(stderr, tc.want) {
+			t.Errorf("ember %s: exit %d stderr %q, want exit %d and %q", strings.Join(tc.args, " "), code, stderr, tc.code, tc.want)
+		}
+	}
+	entries, _ := os.ReadDir(filepath.Join(runDir, "qemu"))
+	if len(entries) != 0 {
+		t.Fatalf("failed creates left run directories: %v", entries)
+	}
+}
