@@ -125,14 +125,7 @@ func ParseModulesDep(r io.Reader) (map[string][]string, error) {
 // LoadModuleIndex indexes the module tree at root, a lib/modules/<release>
 // directory.
 func LoadModuleIndex(root string) (*ModuleIndex, error) {
-	ix := &ModuleIndex{
-		root:    root,
-		paths:   make(map[string]string),
-		deps:    make(map[string][]string),
-		softPre: make(map[string][]string),
-		builtin: make(map[string]bool),
-	}
-
+	ix := newModuleIndex(root)
 	if err := ix.loadBuiltin(); err != nil {
 		return nil, err
 	}
@@ -166,6 +159,16 @@ func LoadModuleIndex(root string) (*ModuleIndex, error) {
 		return nil, fmt.Errorf("load module index %s: %w", root, err)
 	}
 	return ix, nil
+}
+
+func newModuleIndex(root string) *ModuleIndex {
+	return &ModuleIndex{
+		root:    root,
+		paths:   make(map[string]string),
+		deps:    make(map[string][]string),
+		softPre: make(map[string][]string),
+		builtin: make(map[string]bool),
+	}
 }
 
 // addPath records a module file. When two files give the same name, the
