@@ -157,12 +157,14 @@ func decompressAll(c Compression, b []byte) ([]byte, error) {
 
 // xzBCJFilter returns the ID of the first branch/call/jump filter (IDs
 // 0x04 to 0x0b: x86, PowerPC, IA-64, ARM, ARM-Thumb, SPARC, ARM64,
-// RISC-V) in the first block header of an xz stream. The header follows
-// the 12-byte stream header: a size byte (the header is (size+1)*4 bytes),
-// a flags byte whose low two bits are the filter count minus one and whose
-// bits 6 and 7 announce two optional size fields, then the filters, each
-// an ID, a properties size and the properties. Numbers are xz's
-// variable-length integers.
+// RISC-V) in the first block header of an xz stream.
+//
+// The block header follows the 12-byte stream header. It starts with a
+// size byte, and the header is (size+1)*4 bytes long. Next comes a flags
+// byte: its low two bits are the filter count minus one, and bits 6 and 7
+// announce two optional size fields. The filters follow, each an ID, a
+// properties size and the properties. Numbers are xz's variable-length
+// integers.
 func xzBCJFilter(b []byte) (uint64, bool) {
 	if len(b) < 14 || !bytes.HasPrefix(b, magicXZ) || b[12] == 0 {
 		return 0, false
