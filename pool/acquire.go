@@ -211,6 +211,9 @@ func (p *Pool) coldBoot(ctx context.Context, cfg BucketConfig, tenant Tenant) (r
 		return res, err
 	}
 	vmCfg.ID = tenant.ID
+	if vmCfg.NetNS == "" {
+		vmCfg.NetNS = att.NetNS
+	}
 	if _, err := p.opts.Provider.Create(ctx, vmCfg); err != nil {
 		return res, err
 	}

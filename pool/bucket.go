@@ -327,6 +327,7 @@ func (p *Pool) restore(ctx context.Context, id string, cfg BucketConfig, pause b
 		RestoreFrom: &ref,
 		VCPUCount:   cfg.Key.VCPUCount,
 		MemSizeMiB:  cfg.Key.MemSizeMiB,
+		NetNS:       att.NetNS,
 	}
 	if _, err := p.opts.Provider.Create(ctx, restoreCfg); err != nil {
 		return nil, fmt.Errorf("restore %s from snapshot %s/%s: %w", id, ref.VMID, ref.SnapshotID, err)

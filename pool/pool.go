@@ -151,6 +151,9 @@ type Attachment struct {
 	Overrides []vm.NetworkOverride
 	// Guest is the addressing the agent applies inside the guest.
 	Guest GuestNetwork
+	// NetNS is the network namespace the VMM must run in to reach its
+	// TAPs; empty means the host's.
+	NetNS string
 }
 
 // GuestNetwork is the guest-side addressing of a VM.

@@ -61,6 +61,9 @@ type Config struct {
 	// have.
 	RestoreFrom     *SnapshotRef `json:"restore_from,omitempty"`
 	TrackDirtyPages bool         `json:"track_dirty_pages"`
+	// NetNS is the network namespace the VMM runs in; empty means the
+	// caller's. It applies to cold boots and restores alike.
+	NetNS string `json:"netns,omitempty"`
 }
 
 // IsRestore reports whether c restores a snapshot instead of booting.
@@ -109,6 +112,7 @@ func Resolve(id string, d Defaults, s Spec) (Config, error) {
 	cfg := Config{
 		ID:              id,
 		TrackDirtyPages: pick(s.TrackDirtyPages, pick(d.TrackDirtyPages, true)),
+		NetNS:           pick(s.NetNS, ""),
 	}
 	if s.RestoreFrom != nil {
 		cfg.RestoreFrom = s.RestoreFrom.Clone()

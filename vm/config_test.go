@@ -181,3 +181,19 @@ func TestSpecCloneIsDeep(t *testing.T) {
 		t.Fatalf("mutating the clone changed the original: %+v", s)
 	}
 }
+
+func TestResolveNetNS(t *testing.T) {
+	got, err := Resolve("vm-1", Defaults{Kernel: "/k"}, Spec{NetNS: ptr("/run/netns/slot-1")})
+	if err != nil || got.NetNS != "/run/netns/slot-1" {
+		t.Fatalf("netns = %q, err %v", got.NetNS, err)
+	}
+	restore, err := Resolve("vm-2", Defaults{}, Spec{NetNS: ptr("/run/netns/slot-2"), RestoreFrom: &SnapshotRef{VMID: "a", SnapshotID: "b"}})
+	if err != nil || restore.NetNS != "/run/netns/slot-2" {
+		t.Fatalf("restore netns = %q, err %v", restore.NetNS, err)
+	}
+	_, err = Resolve("vm-3", Defaults{Kernel: "/k"}, Spec{NetNS: ptr("slot")})
+	var ve *ValidationError
+	if !errors.As(err, &ve) || ve.Problems[0] != (FieldError{"netns", `"slot" is not an absolute path`}) {
+		t.Fatalf("relative netns: err = %v", err)
+	}
+}

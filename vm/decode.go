@@ -68,6 +68,7 @@ func (s *Spec) ResolvePaths(base string) {
 	abs(s.Kernel)
 	abs(s.Initrd)
 	abs(s.Rootfs)
+	abs(s.NetNS)
 	for i := range s.ExtraDrives {
 		abs(&s.ExtraDrives[i].PathOnHost)
 	}

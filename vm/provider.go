@@ -134,3 +134,11 @@ type SnapshotDeleter interface {
 type VersionReporter interface {
 	VMMVersion(ctx context.Context) (string, error)
 }
+
+// Reattacher is implemented by providers whose VMs outlive the process that
+// created them, such as a CLI that exits while its VMs keep running.
+// Reattach finds the VMs recorded in the provider's run directory, takes
+// control of those whose VMM is alive and reports the others as failed.
+type Reattacher interface {
+	Reattach(ctx context.Context) ([]Info, error)
+}

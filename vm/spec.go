@@ -30,6 +30,11 @@ type Spec struct {
 	// TrackDirtyPages enables KVM dirty-page logging, which diff snapshots
 	// need. See [Defaults.TrackDirtyPages] for its cost.
 	TrackDirtyPages *bool `json:"track_dirty_pages,omitempty"`
+	// NetNS is the path of a network namespace (such as
+	// /run/netns/NAME) that the VMM runs in, so that it can open TAP
+	// devices that live there. Unset runs the VMM in the caller's
+	// namespace.
+	NetNS *string `json:"netns,omitempty"`
 }
 
 // RootDriveID is the drive id reserved for the root filesystem.
@@ -127,6 +132,7 @@ func (s Spec) Clone() Spec {
 	c.Vsock = clonePtr(s.Vsock)
 	c.RestoreFrom = s.RestoreFrom.Clone()
 	c.TrackDirtyPages = clonePtr(s.TrackDirtyPages)
+	c.NetNS = clonePtr(s.NetNS)
 	return c
 }
 

@@ -74,6 +74,9 @@ func ValidateSpec(s *Spec) error {
 func (c *Config) Validate() error {
 	var errs problems
 	validateID(&errs, "id", c.ID)
+	if c.NetNS != "" {
+		validatePath(&errs, "netns", c.NetNS)
+	}
 	if c.RestoreFrom != nil {
 		validateSnapshotRef(&errs, "restore_from", c.RestoreFrom)
 		if c.VCPUCount != 0 {
@@ -125,6 +128,9 @@ func validateSpec(errs *problems, s *Spec) {
 	}
 	validateRateLimiter(errs, "rootfs_rate_limit", s.RootfsRateLimit)
 	validateDevices(errs, s.NetworkInterfaces, s.ExtraDrives, s.Vsock)
+	if s.NetNS != nil && *s.NetNS != "" {
+		validatePath(errs, "netns", *s.NetNS)
+	}
 	if s.RestoreFrom != nil {
 		validateSnapshotRef(errs, "restore_from", s.RestoreFrom)
 	}

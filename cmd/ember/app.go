@@ -92,6 +92,7 @@ func (a *app) rootCommand() *cobra.Command {
 		a.versionCommand(),
 		a.configCommand(),
 		a.specCommand(),
+		a.snapshotCommand(),
 		newImageCommand(a),
 	)
 	return root

@@ -1,0 +1,204 @@
+package main
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/embervm/ember/snapshot"
+	"github.com/embervm/ember/vm"
+)
+
+func (a *app) snapshotCommand() *cobra.Command {
+	cmd := group(&cobra.Command{
+		Use:   "snapshot",
+		Short: "List, check, flatten and remove stored snapshots",
+	})
+	var full bool
+	verify := &cobra.Command{
+		Use:   "verify VM/SNAPSHOT",
+		Short: "Check that a snapshot's files exist with their recorded sizes (and digests with --full)",
+		Args:  exactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withStore(func(s *snapshot.Store) error {
+				vmID, id, err := parseSnapshotRef(args[0])
+				if err != nil {
+					return err
+				}
+				if err := s.Verify(cmd.Context(), vmID, id, full); err != nil {
+					return err
+				}
+				if a.jsonOutput() {
+					return a.writeJSON(map[string]any{"snapshot": args[0], "valid": true, "full": full || s.Recovered()})
+				}
+				fmt.Fprintf(a.stdout, "%s: valid\n", args[0])
+				return nil
+			})
+		},
+	}
+	verify.Flags().BoolVar(&full, "full", false, "also compare SHA-256 digests (reads every byte)")
+
+	cmd.AddCommand(&cobra.Command{
+		Use:   "ls [VM]",
+		Short: "List snapshots, of one VM or of all",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return usageError{fmt.Errorf("ls takes at most one VM id, got %d arguments", len(args))}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withStore(func(s *snapshot.Store) error {
+				vmID := ""
+				if len(args) == 1 {
+					vmID = args[0]
+				}
+				list, err := s.List(vmID)
+				if err != nil {
+					return err
+				}
+				if a.jsonOutput() {
+					return a.writeJSON(list)
+				}
+				return printSnapshots(a, list)
+			})
+		},
+	}, &cobra.Command{
+		Use:   "inspect VM/SNAPSHOT",
+		Short: "Print a snapshot's manifest",
+		Args:  exactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withStore(func(s *snapshot.Store) error {
+				vmID, id, err := parseSnapshotRef(args[0])
+				if err != nil {
+					return err
+				}
+				m, err := s.Get(vmID, id)
+				if err != nil {
+					return err
+				}
+				return a.writeJSON(m)
+			})
+		},
+	}, verify, &cobra.Command{
+		Use:   "rm VM/SNAPSHOT",
+		Short: "Delete a snapshot and its files (refused while a diff snapshot depends on it)",
+		Args:  exactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withStore(func(s *snapshot.Store) error {
+				vmID, id, err := parseSnapshotRef(args[0])
+				if err != nil {
+					return err
+				}
+				if err := s.Delete(vmID, id); err != nil {
+					return err
+				}
+				if !a.jsonOutput() {
+					fmt.Fprintf(a.stdout, "deleted %s\n", args[0])
+					return nil
+				}
+				return a.writeJSON(map[string]any{"deleted": args[0]})
+			})
+		},
+	}, &cobra.Command{
+		Use:   "flatten VM/SNAPSHOT NEW-ID",
+		Short: "Merge a diff snapshot and its ancestors into a new full snapshot",
+		Args:  exactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withStore(func(s *snapshot.Store) error {
+				vmID, id, err := parseSnapshotRef(args[0])
+				if err != nil {
+					return err
+				}
+				m, err := s.Get(vmID, id)
+				if err != nil {
+					return err
+				}
+				dir := filepath.Join(s.Root(), vmID, "files")
+				flat, err := s.Flatten(cmd.Context(), vmID, id, args[1], dir, memoryMerger(m.Backend))
+				if err != nil {
+					return err
+				}
+				if a.jsonOutput() {
+					return a.writeJSON(flat)
+				}
+				fmt.Fprintf(a.stdout, "flattened %s into %s/%s\n", args[0], vmID, flat.ID)
+				return nil
+			})
+		},
+	})
+	return cmd
+}
+
+// withStore opens the snapshot store under the configured state directory
+// for the duration of fn.
+func (a *app) withStore(fn func(*snapshot.Store) error) error {
+	l, err := a.config()
+	if err != nil {
+		return err
+	}
+	s, err := snapshot.Open(filepath.Join(l.Config.StateDir, "snapshots"))
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	return fn(s)
+}
+
+// parseSnapshotRef splits "vm/snapshot".
+func parseSnapshotRef(ref string) (vmID, id string, err error) {
+	vmID, id, ok := strings.Cut(ref, "/")
+	if !ok {
+		return "", "", usageError{fmt.Errorf("snapshot reference %q is invalid, use VM/SNAPSHOT", ref)}
+	}
+	if err := vm.ValidateID(vmID); err != nil {
+		return "", "", usageError{fmt.Errorf("snapshot reference %q: %w", ref, err)}
+	}
+	if err := vm.ValidateSnapshotID(id); err != nil {
+		return "", "", usageError{fmt.Errorf("snapshot reference %q: %w", ref, err)}
+	}
+	return vmID, id, nil
+}
+
+// memoryMerger returns the diff-memory merger of a backend, or nil when the
+// backend has none.
+func memoryMerger(backend string) snapshot.MemoryMerger {
+	// NOTE: no backend registers a merger yet; flattening a chain fails
+	// with an unsupported error until the Firecracker merger is wired in.
+	return nil
+}
+
+func printSnapshots(a *app, list []snapshot.Manifest) error {
+	tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VM\tSNAPSHOT\tTYPE\tPARENT\tBACKEND\tVERSION\tSHAPE\tSIZE\tCREATED")
+	for _, m := range list {
+		var size int64
+		for _, f := range m.Files {
+			size += f.Size
+		}
+		parent := m.Parent
+		if parent == "" {
+			parent = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%dc/%dMiB\t%s\t%s\n", m.VMID, m.ID, m.Type, parent, m.Backend,
+			m.VMMVersion, m.VCPUCount, m.MemSizeMiB, humanBytes(size), m.CreatedAt.Local().Format(time.DateTime))
+	}
+	return tw.Flush()
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,137 @@
+package pool
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/embervm/ember/agent"
+	"github.com/embervm/ember/agent/guest"
+)
+
+// recordingSystem stands in for the guest's privileged operations.
+type recordingSystem struct {
+	mu       sync.Mutex
+	hostname string
+	clock    time.Time
+	ifaces   []agent.InterfaceConfig
+}
+
+func (s *recordingSystem) SetHostname(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.hostname = name
+	return nil
+}
+
+func (s *recordingSystem) SetClock(t time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.clock = t
+	return nil
+}
+
+func (s *recordingSystem) ConfigureNetwork(ctx context.Context, ifaces []agent.InterfaceConfig) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ifaces = ifaces
+	return nil
+}
+
+func (s *recordingSystem) Shutdown(string) error { return nil }
+
+// pipeDialer serves every dial with a real agent server over a pipe.
+type pipeDialer struct {
+	srv    *guest.Server
+	ctx    context.Context
+	wg     sync.WaitGroup
+	dialed []string
+	mu     sync.Mutex
+}
+
+func (d *pipeDialer) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	d.mu.Lock()
+	d.dialed = append(d.dialed, id)
+	d.mu.Unlock()
+	host, guestEnd := net.Pipe()
+	d.wg.Go(func() { d.srv.ServeConn(d.ctx, guestEnd) })
+	return host, nil
+}
+
+func TestAgentGuestPersonalize(t *testing.T) {
+	root := t.TempDir()
+	sys := &recordingSystem{}
+	srv, err := guest.NewServer(guest.Config{Root: root, System: sys, Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &pipeDialer{srv: srv, ctx: ctx}
+	t.Cleanup(func() {
+		cancel()
+		d.wg.Wait()
+		srv.Close()
+	})
+	g := AgentGuest{Dialer: d}
+
+	if err := g.Health(context.Background(), "tenant-1"); err != nil {
+		t.Fatalf("health: %v", err)
+	}
+	clock := time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
+	p := Personalization{
+		Hostname: "tenant-1",
+		Env:      map[string]string{"TENANT": "one"},
+		Clock:    clock,
+		Network: GuestNetwork{
+			Interfaces: []GuestInterface{{MAC: "06:00:0a:00:00:05", Address: netip.MustParsePrefix("10.0.0.5/24"), Gateway: netip.MustParseAddr("10.0.0.1")}},
+			DNS:        []netip.Addr{netip.MustParseAddr("10.0.0.1")},
+		},
+	}
+	if err := g.Personalize(context.Background(), "tenant-1", p); err != nil {
+		t.Fatalf("personalize: %v", err)
+	}
+	sys.mu.Lock()
+	defer sys.mu.Unlock()
+	if sys.hostname != "tenant-1" || !sys.clock.Equal(clock) {
+		t.Errorf("hostname %q clock %v", sys.hostname, sys.clock)
+	}
+	if len(sys.ifaces) != 1 || sys.ifaces[0].MAC != "06:00:0a:00:00:05" || sys.ifaces[0].Addresses[0] != "10.0.0.5/24" ||
+		sys.ifaces[0].Routes[0].Gateway != "10.0.0.1" || sys.ifaces[0].Routes[0].Destination != "default" {
+		t.Errorf("interfaces = %+v", sys.ifaces)
+	}
+	resolv, err := os.ReadFile(filepath.Join(root, "etc", "resolv.conf"))
+	if err != nil || !strings.Contains(string(resolv), "nameserver 10.0.0.1") {
+		t.Errorf("resolv.conf = %q (%v)", resolv, err)
+	}
+	env, err := os.ReadFile(filepath.Join(root, "run", "ember", "env"))
+	if err != nil || !strings.Contains(string(env), "TENANT=one") {
+		t.Errorf("env file = %q (%v)", env, err)
+	}
+	for _, id := range d.dialed {
+		if id != "tenant-1" {
+			t.Errorf("dialed %q, want only tenant-1", id)
+		}
+	}
+}
+
+func TestAgentGuestHealthTimesOut(t *testing.T) {
+	g := AgentGuest{Dialer: refusingDialer{}}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	err := g.Health(ctx, "nobody")
+	if err == nil || !strings.Contains(err.Error(), "agent of nobody") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+type refusingDialer struct{}
+
+func (refusingDialer) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	return nil, &net.OpError{Op: "dial", Net: "unix", Err: os.ErrNotExist}
+}
