@@ -40,6 +40,9 @@ type Options struct {
 	// ModuleNames lists the modules to load with their dependencies.
 	// Default: DefaultModules.
 	ModuleNames []string
+	// OptionalModuleNames lists modules to load with their dependencies
+	// when the kernel has them. Default: DefaultOptionalModules.
+	OptionalModuleNames []string
 	// RootfsDir is the directory to copy into the root filesystem.
 	// Default: a minimal busybox tree (see Busybox).
 	RootfsDir string
@@ -130,6 +133,9 @@ func newBuilder(opts Options) (*builder, error) {
 	}
 	if len(opts.ModuleNames) == 0 {
 		opts.ModuleNames = DefaultModules
+	}
+	if opts.OptionalModuleNames == nil {
+		opts.OptionalModuleNames = DefaultOptionalModules
 	}
 	if opts.Busybox == "" {
 		opts.Busybox = DefaultBusybox
@@ -258,8 +264,8 @@ func (b *builder) digestInputs(ctx context.Context) (*inputs, error) {
 	} else if err := add("busybox", b.opts.Busybox, fileSHA256); err != nil {
 		return nil, fmt.Errorf("%w (install Debian's busybox-static, or pass a rootfs directory)", err)
 	}
-	in.digests["options"] = fmt.Sprintf("builder=%s modules=%s rootfs_size=%d",
-		builderVersion, strings.Join(b.opts.ModuleNames, ","), b.opts.RootfsSize)
+	in.digests["options"] = fmt.Sprintf("builder=%s modules=%s optional_modules=%s rootfs_size=%d",
+		builderVersion, strings.Join(b.opts.ModuleNames, ","), strings.Join(b.opts.OptionalModuleNames, ","), b.opts.RootfsSize)
 	return in, nil
 }
 
@@ -378,7 +384,7 @@ func (b *builder) resolveModules(k *kernel, m *Manifest) ([]InitramfsModule, err
 	if err != nil {
 		return nil, err
 	}
-	res, err := ix.Closure(b.opts.ModuleNames)
+	res, err := ix.Closure(b.opts.ModuleNames, b.opts.OptionalModuleNames)
 	if err != nil {
 		return nil, err
 	}

@@ -140,7 +140,7 @@ func TestBuildDebianKernel(t *testing.T) {
 	for i, n := range m.Modules {
 		loaded[n] = i
 	}
-	for _, n := range DefaultModules {
+	for _, n := range append(DefaultModules, DefaultOptionalModules...) {
 		_, isLoaded := loaded[n]
 		if !isLoaded && !contains(m.BuiltinModules, n) {
 			t.Errorf("module %s is neither in the initramfs nor built in", n)
