@@ -30,8 +30,8 @@ var DefaultModules = []string{
 }
 
 // DefaultOptionalModules lists modules loaded when the kernel has them:
-// the ACPI power button driver and evdev, through which the agent sees a
-// power-button press (QEMU's system_powerdown) and shuts the guest down.
+// the ACPI power button driver and evdev. The agent receives a power-button
+// press (QEMU's system_powerdown) through them and shuts the guest down.
 var DefaultOptionalModules = []string{"button", "evdev"}
 
 // Module is one loadable kernel module.
