@@ -10,6 +10,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultStateDir is Ember's state directory when Options.StateDir is empty.
@@ -172,6 +175,16 @@ func (b *builder) run(ctx context.Context) (*Result, error) {
 	}
 	digest := digestInputs(in.digests)
 
+	parent := filepath.Dir(b.dir)
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		return nil, fmt.Errorf("build image in %s: %w", b.dir, err)
+	}
+	unlock, err := lockBundle(ctx, b.dir)
+	if err != nil {
+		return nil, fmt.Errorf("build image in %s: %w", b.dir, err)
+	}
+	defer unlock()
+
 	if !b.opts.Force {
 		if m, err := VerifyBundle(b.dir); err == nil && m.InputsDigest == digest {
 			b.log.Debug("bundle up to date", "dir", b.dir, "inputs_digest", digest)
@@ -182,10 +195,6 @@ func (b *builder) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 
-	parent := filepath.Dir(b.dir)
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return nil, fmt.Errorf("build image in %s: %w", b.dir, err)
-	}
 	scratch, err := os.MkdirTemp(parent, "."+filepath.Base(b.dir)+".build-")
 	if err != nil {
 		return nil, fmt.Errorf("build image in %s: %w", b.dir, err)
@@ -437,6 +446,37 @@ func (b *builder) writeRootfs(ctx context.Context, staging, scratch string) erro
 	}
 	size = (size + 1<<20 - 1) &^ (1<<20 - 1)
 	return makeExt4(ctx, src, filepath.Join(staging, RootfsFile), size)
+}
+
+// lockBundle takes an exclusive lock on the bundle directory, so that
+// concurrent builds of one bundle run one after another and none sees the
+// moment between the two renames of replaceDir. The lock is flock(2) on the
+// file .<name>.lock next to the directory, which stays in place. It waits
+// until the lock is free or ctx ends.
+func lockBundle(ctx context.Context, dir string) (unlock func(), err error) {
+	p := filepath.Join(filepath.Dir(dir), "."+filepath.Base(dir)+".lock")
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lock bundle: %w", err)
+	}
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock bundle %s: %w", p, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("lock bundle %s: %w", p, ctx.Err())
+		case <-t.C:
+		}
+	}
 }
 
 // checkReplaceable refuses to replace a directory that is neither missing,
