@@ -449,8 +449,8 @@ func (b *builder) writeRootfs(ctx context.Context, staging, scratch string) erro
 }
 
 // lockBundle takes an exclusive lock on the bundle directory, so that
-// concurrent builds of one bundle run one after another and none sees the
-// moment between the two renames of replaceDir. The lock is flock(2) on the
+// concurrent builds of one bundle run one after another and none reads the
+// directory between the two renames of replaceDir. The lock is flock(2) on the
 // file .<name>.lock next to the directory, which stays in place. It waits
 // until the lock is free or ctx ends.
 func lockBundle(ctx context.Context, dir string) (unlock func(), err error) {
