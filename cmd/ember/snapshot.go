@@ -9,6 +9,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/embervm/ember/provider/firecracker"
+	"github.com/embervm/ember/provider/firecracker/memfile"
 	"github.com/embervm/ember/snapshot"
 	"github.com/embervm/ember/vm"
 )
@@ -165,10 +167,12 @@ func parseSnapshotRef(ref string) (vmID, id string, err error) {
 }
 
 // memoryMerger returns the diff-memory merger of a backend, or nil when the
-// backend has none.
+// backend has none, which makes flattening a chain fail as unsupported.
 func memoryMerger(backend string) snapshot.MemoryMerger {
-	// NOTE: no backend registers a merger yet; flattening a chain fails
-	// with an unsupported error until the Firecracker merger is wired in.
+	switch backend {
+	case firecracker.BackendName:
+		return memfile.Merger{}
+	}
 	return nil
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"os"
@@ -74,8 +75,9 @@ func TestSnapshotCommands(t *testing.T) {
 	if code != exitFailure || !strings.Contains(stderr, "snapshot has dependants: d1") {
 		t.Fatalf("rm parent: exit %d stderr %q", code, stderr)
 	}
+	// The seeded memory files differ in size, so the merge must fail.
 	_, stderr, code = runCLI(t, env, "snapshot", "flatten", "web-1/d1", "flat")
-	if code != exitFailure || !strings.Contains(stderr, "diff snapshot merge is not supported by firecracker") {
+	if code != exitFailure || !strings.Contains(stderr, "memory file sizes differ") {
 		t.Fatalf("flatten: exit %d stderr %q", code, stderr)
 	}
 	for _, ref := range []string{"web-1/d1", "web-1/base"} {
@@ -99,5 +101,118 @@ func TestSnapshotRefErrors(t *testing.T) {
 	_, stderr, code := runCLI(t, env, "snapshot", "inspect", "web-1/missing")
 	if code != exitFailure || !strings.Contains(stderr, "snapshot not found") {
 		t.Errorf("missing: exit %d stderr %q", code, stderr)
+	}
+}
+
+// seedChain records a full snapshot web-1/base and a diff web-1/d1 of the
+// given backend, with sparse memory files of 16 pages in Firecracker's
+// layout: the diff's data regions are the pages it changed.
+func seedChain(t *testing.T, backend string) []string {
+	t.Helper()
+	state := t.TempDir()
+	s, err := snapshot.Open(filepath.Join(state, "snapshots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	files := t.TempDir()
+	for _, snap := range []struct {
+		id, parent string
+		pages      map[int64]byte
+	}{{"base", "", map[int64]byte{0: 'a', 1: 'a'}}, {"d1", "base", map[int64]byte{1: 'b', 5: 'b'}}} {
+		typ := vm.SnapshotFull
+		if snap.parent != "" {
+			typ = vm.SnapshotDiff
+		}
+		mem := filepath.Join(files, snap.id+".mem")
+		writePages(t, mem, 16, snap.pages)
+		state := filepath.Join(files, snap.id+".state")
+		if err := os.WriteFile(state, []byte("state-"+snap.id), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		info := vm.SnapshotInfo{ID: snap.id, VMID: "web-1", Type: typ, Parent: snap.parent, Backend: backend,
+			VCPUCount: 1, MemSizeMiB: 128, StatePath: state, MemoryPath: mem, CreatedAt: time.Now()}
+		if _, err := s.Record(context.Background(), info, "1.14.1", snapshot.Inputs{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return []string{"EMBER_STATE_DIR=" + state}
+}
+
+const pageSize = 4096
+
+// writePages creates a file of n pages in which the given pages are filled
+// with their byte and every other page is a hole.
+func writePages(t *testing.T, path string, n int64, pages map[int64]byte) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(n * pageSize); err != nil {
+		t.Fatal(err)
+	}
+	for idx, fill := range pages {
+		if _, err := f.WriteAt(bytes.Repeat([]byte{fill}, pageSize), idx*pageSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestSnapshotFlattenFirecracker(t *testing.T) {
+	env := seedChain(t, "firecracker")
+	stdout, stderr, code := runCLI(t, env, "snapshot", "flatten", "web-1/d1", "flat")
+	if code != exitOK {
+		t.Fatalf("flatten: exit %d stdout %q stderr %q", code, stdout, stderr)
+	}
+	if !strings.Contains(stdout, "flattened web-1/d1 into web-1/flat") {
+		t.Errorf("flatten output = %q", stdout)
+	}
+
+	stdout, _, code = runCLI(t, env, "snapshot", "inspect", "web-1/flat")
+	var m snapshot.Manifest
+	if code != exitOK || json.Unmarshal([]byte(stdout), &m) != nil {
+		t.Fatalf("inspect: exit %d stdout %q", code, stdout)
+	}
+	if m.Type != vm.SnapshotFull || m.Parent != "" || m.Backend != "firecracker" {
+		t.Errorf("flattened manifest: type %s, parent %q, backend %s; want a full firecracker snapshot without parent", m.Type, m.Parent, m.Backend)
+	}
+	mem, ok := m.File("memory")
+	if !ok {
+		t.Fatalf("flattened snapshot has no memory file: %+v", m.Files)
+	}
+	got, err := os.ReadFile(mem.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 16*pageSize {
+		t.Fatalf("flattened memory is %d bytes, want %d", len(got), 16*pageSize)
+	}
+	want := map[int64]byte{0: 'a', 1: 'b', 2: 0, 5: 'b', 15: 0}
+	for idx, fill := range want {
+		if !bytes.Equal(got[idx*pageSize:(idx+1)*pageSize], bytes.Repeat([]byte{fill}, pageSize)) {
+			t.Errorf("page %d starts with %q, want all %q", idx, got[idx*pageSize], fill)
+		}
+	}
+	if _, _, code := runCLI(t, env, "snapshot", "verify", "--full", "web-1/flat"); code != exitOK {
+		t.Errorf("verify of the flattened snapshot: exit %d", code)
+	}
+
+	// The chain is left as it was.
+	stdout, _, _ = runCLI(t, env, "snapshot", "inspect", "web-1/d1")
+	if !strings.Contains(stdout, `"parent": "base"`) && !strings.Contains(stdout, `"parent":"base"`) {
+		t.Errorf("diff d1 lost its parent after flatten: %q", stdout)
+	}
+}
+
+func TestSnapshotFlattenUnsupportedBackend(t *testing.T) {
+	env := seedChain(t, "qemu")
+	_, stderr, code := runCLI(t, env, "snapshot", "flatten", "web-1/d1", "flat")
+	if code != exitFailure || !strings.Contains(stderr, "diff snapshot merge is not supported by qemu") {
+		t.Fatalf("flatten: exit %d stderr %q", code, stderr)
+	}
+	if _, _, code := runCLI(t, env, "snapshot", "inspect", "web-1/flat"); code == exitOK {
+		t.Errorf("a failed flatten recorded web-1/flat")
 	}
 }

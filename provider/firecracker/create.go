@@ -35,6 +35,11 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	if err := p.checkStatic(cfg); err != nil {
 		return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
 	}
+	if netns := p.netnsOf(cfg); netns != "" {
+		if err := checkNetNS(netns); err != nil {
+			return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
+		}
+	}
 	// Checks that need the version run before any process when the version
 	// is already known.
 	if v := p.cachedVersion(); !v.IsZero() {
@@ -82,6 +87,15 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	go p.watch(m)
 	p.log.Info("vm created", "vm", cfg.ID, "state", string(m.info().State), "pid", m.pid(), "restore", cfg.IsRestore())
 	return m.info(), nil
+}
+
+// netnsOf returns the network namespace VM cfg runs in: its own, or under
+// a jailer the jailer's default; "" means Ember's own namespace.
+func (p *Provider) netnsOf(cfg vm.Config) string {
+	if cfg.NetNS == "" && p.cfg.Jailer != nil {
+		return p.cfg.Jailer.NetNS
+	}
+	return cfg.NetNS
 }
 
 // checkStatic rejects what no Firecracker version supports.
@@ -153,6 +167,7 @@ func (p *Provider) startVMM(ctx context.Context, cfg vm.Config, rb *rollback) (*
 			"--metrics-path", metricsPath,
 		},
 		env: p.cfg.Env, console: console, noFileLimit: p.cfg.NoFileLimit,
+		netns: cfg.NetNS,
 	}
 	if p.cfg.Jailer != nil {
 		j, err := p.newJail(cfg, runDir)

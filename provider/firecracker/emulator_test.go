@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/embervm/ember/provider/firecracker/fcapi"
 	"github.com/embervm/ember/provider/firecracker/fcemu"
 	"github.com/embervm/ember/vm"
@@ -23,7 +25,16 @@ func TestMain(m *testing.M) {
 	if os.Getenv(fcemu.EnvVersion) != "" {
 		os.Exit(fcemu.Main(os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if code == 0 {
+		// Every VM was destroyed, so nothing of the provider may still run:
+		// no console copier, exit watcher, namespace spawner or uffd server.
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "goroutines leaked: %v\n", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
 }
 
 // emulatedVersions are the releases whose behaviour the emulator plays in

@@ -48,7 +48,8 @@ type JailerConfig struct {
 	// NewPIDNamespace runs Firecracker in a new PID namespace.
 	NewPIDNamespace bool
 	// NetNS is the path of a network namespace to join, such as
-	// /var/run/netns/ember-1; "" stays in the jailer's namespace.
+	// /var/run/netns/ember-1, for VMs whose vm.Config.NetNS is empty; ""
+	// stays in the jailer's namespace. A VM's own NetNS takes precedence.
 	NetNS string
 }
 
@@ -79,6 +80,9 @@ func (p *Provider) newJail(cfg vm.Config, runDir string) (*jail, error) {
 	}
 	if jc.CgroupVersion == 0 {
 		jc.CgroupVersion = 2
+	}
+	if cfg.NetNS != "" {
+		jc.NetNS = cfg.NetNS
 	}
 	if jc.CgroupVersion != 1 && jc.CgroupVersion != 2 {
 		return nil, fmt.Errorf("jailer: cgroup version %d is invalid, want 1 or 2: %w", jc.CgroupVersion, vm.ErrInvalid)
@@ -176,6 +180,8 @@ func (j *jail) spawnOptions(direct spawnOptions) (spawnOptions, string, string, 
 		"--log-path", "/run/" + vmmLogName, "--metrics-path", "/run/" + metricsName,
 	}
 	out := direct
+	// The jailer joins the namespace itself with --netns.
+	out.netns = ""
 	out.path = j.cfg.Binary
 	out.args = j.jailerArgs(direct.path, direct.noFileLimit, fcArgs)
 	return out, j.hostPath("/run/" + apiSocketName), j.hostPath("/run/" + metricsName), nil

@@ -100,6 +100,7 @@ func TestRealJailer(t *testing.T) {
 		t.Skip("the jailer needs root: run the test as root")
 	}
 	env := newRealEnv(t)
+	_, nsPath := newTestNetNS(t)
 	cgroupVersion := 1
 	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
 		cgroupVersion = 2
@@ -124,11 +125,16 @@ func TestRealJailer(t *testing.T) {
 				}
 			})
 			ctx := context.Background()
-			bootEmulated(t, p, env.config("jailed"))
+			cfg := env.config("jailed")
+			cfg.NetNS = nsPath
+			bootEmulated(t, p, cfg)
 			waitConsole(t, p, "jailed", "TICK 2")
 			info, _ := p.Get(ctx, "jailed")
 			if info.PID == 0 {
 				t.Fatalf("jailed vm has no pid")
+			}
+			if got, want := nsInode(t, "/proc/"+strconv.Itoa(info.PID)+"/ns/net"), nsInode(t, nsPath); got != want {
+				t.Errorf("jailed firecracker runs in namespace inode %d, want %d (%s)", got, want, nsPath)
 			}
 			comm, _ := os.ReadFile("/proc/" + strconv.Itoa(info.PID) + "/comm")
 			if !strings.HasPrefix(strings.TrimSpace(string(comm)), "firecracker") {

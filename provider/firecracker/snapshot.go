@@ -416,6 +416,8 @@ func (p *Provider) restore(ctx context.Context, m *machine, cfg vm.Config, snap 
 	restored.ID = cfg.ID
 	restored.RestoreFrom = ref.Clone()
 	restored.TrackDirtyPages = cfg.TrackDirtyPages
+	// The namespace is the restore's own, not the one the source VM ran in.
+	restored.NetNS = cfg.NetNS
 	for _, o := range ref.NetworkOverrides {
 		for i := range restored.NetworkInterfaces {
 			if restored.NetworkInterfaces[i].IfaceID == o.IfaceID {

@@ -13,6 +13,7 @@
 package memfile
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -69,6 +70,11 @@ func DataExtents(f *os.File) ([]Extent, error) {
 // copied. Files of different sizes are rejected, because a diff applies
 // only to memory of its own size.
 func Apply(dst *os.File, diffPath string) (int64, error) {
+	return apply(context.Background(), dst, diffPath)
+}
+
+// apply is Apply that stops between data regions when ctx ends.
+func apply(ctx context.Context, dst *os.File, diffPath string) (int64, error) {
 	diff, err := os.Open(diffPath)
 	if err != nil {
 		return 0, fmt.Errorf("apply diff %s: %w", diffPath, err)
@@ -91,6 +97,9 @@ func Apply(dst *os.File, diffPath string) (int64, error) {
 	}
 	var copied int64
 	for _, e := range extents {
+		if err := ctx.Err(); err != nil {
+			return copied, fmt.Errorf("apply diff %s: %w", diffPath, err)
+		}
 		n, err := copyRange(dst, diff, e)
 		copied += n
 		if err != nil {
@@ -184,6 +193,38 @@ func copySparse(dst, src string) error {
 		if _, err := copyRange(out, in, e); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// Merger merges Firecracker diff memory files in place. It implements the
+// MemoryMerger interface of Ember's snapshot package, which flattens a
+// chain of diff snapshots into one full snapshot. The zero value is ready
+// to use.
+type Merger struct{}
+
+// MergeMemory applies the data regions of the diff memory file onto dst,
+// which must already contain the merged memory of the diff's ancestors and
+// have the diff's size. dst is changed in place: when MergeMemory fails or
+// ctx ends part-way, dst is partly merged and the caller must discard it.
+func (Merger) MergeMemory(ctx context.Context, dst, diff string) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("merge memory %s into %s: %w", diff, dst, err)
+	}
+	out, err := os.OpenFile(dst, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("merge memory %s into %s: %w", diff, dst, err)
+	}
+	if _, err := apply(ctx, out, diff); err != nil {
+		out.Close()
+		return fmt.Errorf("merge memory into %s: %w", dst, err)
+	}
+	if err := out.Sync(); err != nil {
+		out.Close()
+		return fmt.Errorf("merge memory %s into %s: %w", diff, dst, err)
+	}
+	if err := out.Close(); err != nil {
+		return fmt.Errorf("merge memory %s into %s: %w", diff, dst, err)
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package memfile
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -127,6 +128,84 @@ func TestMergeRejectsBadInput(t *testing.T) {
 				if _, err := os.Stat(p); !os.IsNotExist(err) {
 					t.Errorf("%s exists after a failed merge", p)
 				}
+			}
+		})
+	}
+}
+
+func TestMergerInPlace(t *testing.T) {
+	dir := t.TempDir()
+	holesSupported(t, dir)
+	size := int64(32 * page)
+	dst := filepath.Join(dir, "flat")
+	diff1 := filepath.Join(dir, "diff1")
+	diff2 := filepath.Join(dir, "diff2")
+	writeSparse(t, dst, size, map[int64]byte{0: 'a', 1: 'a', 20: 'a'})
+	writeSparse(t, diff1, size, map[int64]byte{1: 'b', 30: 'b'})
+	writeSparse(t, diff2, size, map[int64]byte{20: 'c', 30: 'c'})
+
+	ctx := context.Background()
+	for _, diff := range []string{diff1, diff2} {
+		if err := (Merger{}).MergeMemory(ctx, dst, diff); err != nil {
+			t.Fatalf("MergeMemory %s: %v", diff, err)
+		}
+	}
+	got, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(got)) != size {
+		t.Fatalf("merged file is %d bytes, want %d", len(got), size)
+	}
+	want := map[int64]byte{0: 'a', 1: 'b', 2: 0, 20: 'c', 30: 'c', 31: 0}
+	for idx, fill := range want {
+		if !bytes.Equal(got[idx*page:(idx+1)*page], bytes.Repeat([]byte{fill}, page)) {
+			t.Errorf("page %d = %q..., want all %q", idx, got[idx*page], fill)
+		}
+	}
+}
+
+func TestMergerRejectsBadInput(t *testing.T) {
+	dir := t.TempDir()
+	dst := filepath.Join(dir, "flat")
+	diff := filepath.Join(dir, "diff")
+	small := filepath.Join(dir, "small")
+	writeSparse(t, dst, 16*page, map[int64]byte{0: 1})
+	writeSparse(t, diff, 16*page, map[int64]byte{3: 2})
+	writeSparse(t, small, 8*page, map[int64]byte{0: 2})
+	before, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+
+	tests := []struct {
+		name      string
+		ctx       context.Context
+		dst, diff string
+		want      error
+	}{
+		{"size mismatch", context.Background(), dst, small, ErrSizeMismatch},
+		{"missing diff", context.Background(), dst, filepath.Join(dir, "nope"), os.ErrNotExist},
+		{"missing destination", context.Background(), filepath.Join(dir, "nope"), diff, os.ErrNotExist},
+		{"cancelled", cancelled, dst, diff, context.Canceled},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := (Merger{}).MergeMemory(tt.ctx, tt.dst, tt.diff)
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("MergeMemory error = %v, want %v", err, tt.want)
+			}
+			after, err := os.ReadFile(dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(before, after) {
+				t.Errorf("a rejected merge changed %s", dst)
+			}
+			if _, err := os.Stat(filepath.Join(dir, "nope")); !os.IsNotExist(err) {
+				t.Errorf("a rejected merge created a file: %v", err)
 			}
 		})
 	}
