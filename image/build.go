@@ -10,6 +10,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultStateDir is Ember's state directory when Options.StateDir is empty.
@@ -40,6 +43,9 @@ type Options struct {
 	// ModuleNames lists the modules to load with their dependencies.
 	// Default: DefaultModules.
 	ModuleNames []string
+	// OptionalModuleNames lists modules to load with their dependencies
+	// when the kernel has them. Default: DefaultOptionalModules.
+	OptionalModuleNames []string
 	// RootfsDir is the directory to copy into the root filesystem.
 	// Default: a minimal busybox tree (see Busybox).
 	RootfsDir string
@@ -131,6 +137,9 @@ func newBuilder(opts Options) (*builder, error) {
 	if len(opts.ModuleNames) == 0 {
 		opts.ModuleNames = DefaultModules
 	}
+	if opts.OptionalModuleNames == nil {
+		opts.OptionalModuleNames = DefaultOptionalModules
+	}
 	if opts.Busybox == "" {
 		opts.Busybox = DefaultBusybox
 	}
@@ -166,6 +175,16 @@ func (b *builder) run(ctx context.Context) (*Result, error) {
 	}
 	digest := digestInputs(in.digests)
 
+	parent := filepath.Dir(b.dir)
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		return nil, fmt.Errorf("build image in %s: %w", b.dir, err)
+	}
+	unlock, err := lockBundle(ctx, b.dir)
+	if err != nil {
+		return nil, fmt.Errorf("build image in %s: %w", b.dir, err)
+	}
+	defer unlock()
+
 	if !b.opts.Force {
 		if m, err := VerifyBundle(b.dir); err == nil && m.InputsDigest == digest {
 			b.log.Debug("bundle up to date", "dir", b.dir, "inputs_digest", digest)
@@ -176,10 +195,6 @@ func (b *builder) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 
-	parent := filepath.Dir(b.dir)
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return nil, fmt.Errorf("build image in %s: %w", b.dir, err)
-	}
 	scratch, err := os.MkdirTemp(parent, "."+filepath.Base(b.dir)+".build-")
 	if err != nil {
 		return nil, fmt.Errorf("build image in %s: %w", b.dir, err)
@@ -258,8 +273,8 @@ func (b *builder) digestInputs(ctx context.Context) (*inputs, error) {
 	} else if err := add("busybox", b.opts.Busybox, fileSHA256); err != nil {
 		return nil, fmt.Errorf("%w (install Debian's busybox-static, or pass a rootfs directory)", err)
 	}
-	in.digests["options"] = fmt.Sprintf("builder=%s modules=%s rootfs_size=%d",
-		builderVersion, strings.Join(b.opts.ModuleNames, ","), b.opts.RootfsSize)
+	in.digests["options"] = fmt.Sprintf("builder=%s modules=%s optional_modules=%s rootfs_size=%d",
+		builderVersion, strings.Join(b.opts.ModuleNames, ","), strings.Join(b.opts.OptionalModuleNames, ","), b.opts.RootfsSize)
 	return in, nil
 }
 
@@ -378,7 +393,7 @@ func (b *builder) resolveModules(k *kernel, m *Manifest) ([]InitramfsModule, err
 	if err != nil {
 		return nil, err
 	}
-	res, err := ix.Closure(b.opts.ModuleNames)
+	res, err := ix.Closure(b.opts.ModuleNames, b.opts.OptionalModuleNames)
 	if err != nil {
 		return nil, err
 	}
@@ -431,6 +446,37 @@ func (b *builder) writeRootfs(ctx context.Context, staging, scratch string) erro
 	}
 	size = (size + 1<<20 - 1) &^ (1<<20 - 1)
 	return makeExt4(ctx, src, filepath.Join(staging, RootfsFile), size)
+}
+
+// lockBundle takes an exclusive lock on the bundle directory, so that
+// concurrent builds of one bundle run one after another and none reads the
+// directory between the two renames of replaceDir. The lock is flock(2) on the
+// file .<name>.lock next to the directory, which stays in place. It waits
+// until the lock is free or ctx ends.
+func lockBundle(ctx context.Context, dir string) (unlock func(), err error) {
+	p := filepath.Join(filepath.Dir(dir), "."+filepath.Base(dir)+".lock")
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lock bundle: %w", err)
+	}
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock bundle %s: %w", p, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("lock bundle %s: %w", p, ctx.Err())
+		case <-t.C:
+		}
+	}
 }
 
 // checkReplaceable refuses to replace a directory that is neither missing,

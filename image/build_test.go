@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // buildFixture is a set of generated inputs for Build that needs no
@@ -221,5 +222,60 @@ func TestDefaultRootfsAndDir(t *testing.T) {
 		if err != nil || !strings.Contains(string(out), "Inode:") {
 			t.Errorf("rootfs lacks %s: %v %s", p, err, out)
 		}
+	}
+}
+
+func TestBuildConcurrentSameDir(t *testing.T) {
+	f := newBuildFixture(t)
+	dir := filepath.Join(t.TempDir(), "bundle")
+	const builds = 3
+	errs := make(chan error, builds)
+	cached := make(chan bool, builds)
+	for range builds {
+		go func() {
+			res, err := Build(context.Background(), f.options(dir))
+			errs <- err
+			cached <- err == nil && res.Cached
+		}()
+	}
+	nCached := 0
+	for range builds {
+		if err := <-errs; err != nil {
+			t.Errorf("concurrent Build: %v", err)
+		}
+		if <-cached {
+			nCached++
+		}
+	}
+	// The lock makes one build do the work and the others find it done.
+	if nCached != builds-1 {
+		t.Errorf("%d of %d concurrent builds were cached, want %d", nCached, builds, builds-1)
+	}
+	if _, err := VerifyBundle(dir); err != nil {
+		t.Fatalf("VerifyBundle: %v", err)
+	}
+	assertNoScratch(t, filepath.Dir(dir))
+}
+
+func TestBuildLockWaitCancelled(t *testing.T) {
+	f := newBuildFixture(t)
+	dir := filepath.Join(t.TempDir(), "bundle")
+	unlock, err := lockBundle(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err = Build(ctx, f.options(dir))
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Build while another holds the lock: error %v, want context.DeadlineExceeded", err)
+	}
+	if !strings.Contains(err.Error(), "lock bundle") {
+		t.Errorf("error %q does not come from waiting for the lock", err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the bundle directory was created: %v", err)
 	}
 }

@@ -152,6 +152,10 @@ func ExtractVmlinux(bzImage []byte) ([]byte, *SetupHeader, error) {
 	}
 	payload := bzImage[start:end]
 	kind := DetectCompression(payload)
+	if bytes.HasPrefix(payload, magicLZO) {
+		return nil, nil, fmt.Errorf("extract vmlinux: the payload is LZO-compressed, which the builder cannot read (pass an uncompressed vmlinux instead): %w",
+			ErrUnsupportedCompression)
+	}
 	if kind == CompressionNone {
 		return nil, nil, fmt.Errorf("extract vmlinux: payload at offset %d starts with % x: %w",
 			start, payload[:min(len(payload), 6)], ErrUnknownCompression)

@@ -204,6 +204,45 @@ func TestExtractVmlinuxBadInput(t *testing.T) {
 	}
 }
 
+func TestExtractVmlinuxUnsupported(t *testing.T) {
+	vmlinux := testVmlinux("6.1.0-test")
+	lzo := append(append([]byte(nil), magicLZO...), "rest of an lzop file"...)
+	if _, _, err := ExtractVmlinux(makeBzImage(lzo, "x", 4, 0)); !errors.Is(err, ErrUnsupportedCompression) {
+		t.Errorf("LZO payload: error %v, want ErrUnsupportedCompression", err)
+	}
+
+	// Kernels built with CONFIG_KERNEL_XZ use xz's x86 BCJ filter, which
+	// only the xz tool can write.
+	requireTools(t, "install xz-utils to test xz payloads with a BCJ filter", "xz")
+	cmd := exec.Command("xz", "--format=xz", "--check=crc32", "--x86", "--lzma2", "-c")
+	cmd.Stdin = bytes.NewReader(vmlinux)
+	stream, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id, ok := xzBCJFilter(stream); !ok || id != 0x04 {
+		t.Fatalf("xzBCJFilter = %#x, %v, want 0x04, true", id, ok)
+	}
+	_, _, err = ExtractVmlinux(makeBzImage(appendSize(stream, vmlinux), "x", 4, 0))
+	if !errors.Is(err, ErrUnsupportedCompression) {
+		t.Fatalf("xz payload with the x86 filter: error %v, want ErrUnsupportedCompression", err)
+	}
+	plain := compressors[CompressionXZ](t, vmlinux)
+	if _, ok := xzBCJFilter(plain); ok {
+		t.Errorf("xzBCJFilter found a filter in a plain xz stream")
+	}
+}
+
+func FuzzXZBCJFilter(f *testing.F) {
+	f.Add(compressors[CompressionXZ](f, []byte("data")))
+	f.Add([]byte("\xfd7zXZ\x00\x00\x01\x69\x22\xde\x36\x02\x01\x04\x00\x21\x01\x16\x00\x0d\x86\x35\x1f"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if id, ok := xzBCJFilter(b); ok && (id < 0x04 || id > 0x0b) {
+			t.Fatalf("reported filter %#x outside the BCJ range", id)
+		}
+	})
+}
+
 func TestExtractVmlinuxCorruptPayload(t *testing.T) {
 	vmlinux := testVmlinux("6.1.0-test")
 	for c, compress := range compressors {

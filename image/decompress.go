@@ -62,6 +62,9 @@ var (
 	// the two low bytes of a dictionary size that is a multiple of 64 KiB.
 	// Every kernel build and the `lzma` tool's defaults write it.
 	magicLZMA = []byte{0x5d, 0x00, 0x00}
+	// magicLZO is the lzop file magic, which CONFIG_KERNEL_LZO payloads
+	// start with.
+	magicLZO = []byte{0x89, 'L', 'Z', 'O', 0x00, 0x0d, 0x0a, 0x1a, 0x0a}
 )
 
 // maxDecompressedSize bounds what a decompressor may produce, so a
@@ -99,7 +102,8 @@ func NewDecompressor(c Compression, r io.Reader) (io.ReadCloser, error) {
 	case CompressionXZ:
 		// NOTE: the xz library reads no BCJ filters, so it rejects x86
 		// kernels built with CONFIG_KERNEL_XZ, which apply the x86 BCJ
-		// filter. Plain xz streams, such as .ko.xz modules, work.
+		// filter. decompressAll reports them as ErrUnsupportedCompression.
+		// Plain xz streams, such as .ko.xz modules, work.
 		zr, err := xz.NewReader(r)
 		if err != nil {
 			return nil, err
@@ -129,6 +133,12 @@ func NewDecompressor(c Compression, r io.Reader) (io.ReadCloser, error) {
 // decompressAll decompresses b, which is compressed with c, refusing output
 // larger than maxDecompressedSize.
 func decompressAll(c Compression, b []byte) ([]byte, error) {
+	if c == CompressionXZ {
+		if id, ok := xzBCJFilter(b); ok {
+			return nil, fmt.Errorf("decompress xz: the stream uses BCJ filter 0x%02x, which the xz library cannot read (pass an uncompressed vmlinux instead): %w",
+				id, ErrUnsupportedCompression)
+		}
+	}
 	zr, err := NewDecompressor(c, bytes.NewReader(b))
 	if err != nil {
 		return nil, fmt.Errorf("decompress %s: %w", c, err)
@@ -143,6 +153,70 @@ func decompressAll(c Compression, b []byte) ([]byte, error) {
 		return nil, fmt.Errorf("decompress %s: output exceeds %d bytes", c, maxDecompressedSize)
 	}
 	return out, nil
+}
+
+// xzBCJFilter returns the ID of the first branch/call/jump filter (IDs
+// 0x04 to 0x0b: x86, PowerPC, IA-64, ARM, ARM-Thumb, SPARC, ARM64,
+// RISC-V) in the first block header of an xz stream.
+//
+// The block header follows the 12-byte stream header. It starts with a
+// size byte, and the header is (size+1)*4 bytes long. Next comes a flags
+// byte: its low two bits are the filter count minus one, and bits 6 and 7
+// announce two optional size fields. The filters follow, each an ID, a
+// properties size and the properties. Numbers are xz's variable-length
+// integers.
+func xzBCJFilter(b []byte) (uint64, bool) {
+	if len(b) < 14 || !bytes.HasPrefix(b, magicXZ) || b[12] == 0 {
+		return 0, false
+	}
+	hdr := b[12:]
+	size := (int(hdr[0]) + 1) * 4
+	if size > len(hdr) {
+		return 0, false
+	}
+	hdr = hdr[:size]
+	flags := hdr[1]
+	rest := hdr[2:]
+	for _, present := range []bool{flags&0x40 != 0, flags&0x80 != 0} {
+		if !present {
+			continue
+		}
+		_, n := xzVarint(rest)
+		if n == 0 {
+			return 0, false
+		}
+		rest = rest[n:]
+	}
+	for i := 0; i <= int(flags&0x03); i++ {
+		id, n := xzVarint(rest)
+		if n == 0 {
+			return 0, false
+		}
+		rest = rest[n:]
+		propsSize, n := xzVarint(rest)
+		if n == 0 || propsSize > uint64(len(rest)-n) {
+			return 0, false
+		}
+		rest = rest[n+int(propsSize):]
+		if id >= 0x04 && id <= 0x0b {
+			return id, true
+		}
+	}
+	return 0, false
+}
+
+// xzVarint decodes one of xz's variable-length integers (7 bits a byte,
+// low bits first, at most 9 bytes) and returns it with its length, or a
+// length of 0 when b holds no complete integer.
+func xzVarint(b []byte) (uint64, int) {
+	var v uint64
+	for i := 0; i < len(b) && i < 9; i++ {
+		v |= uint64(b[i]&0x7f) << (7 * i)
+		if b[i]&0x80 == 0 {
+			return v, i + 1
+		}
+	}
+	return 0, 0
 }
 
 // errSizeMismatch means a kernel payload decompressed to a size other than

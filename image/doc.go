@@ -47,10 +47,11 @@
 //	}
 //	fmt.Println(res.Dir, res.Manifest.KernelRelease, res.Cached)
 //
-// Limits: the builder targets x86_64 guests. xz-compressed kernels that use
-// the x86 BCJ filter (the kernel's default for CONFIG_KERNEL_XZ) are not
-// supported, because the xz library reads no BCJ filters. LZO payloads are
-// not supported. The ext4 image is reproducible only for a source tree with
+// Limits: the builder targets x86_64 guests. It rejects xz-compressed
+// kernels that use the x86 BCJ filter (which x86 builds with
+// CONFIG_KERNEL_XZ apply), because the xz library reads no BCJ filters, and
+// LZO payloads. Both fail with [ErrUnsupportedCompression], and such a
+// kernel can be passed as an uncompressed vmlinux instead. The ext4 image is reproducible only for a source tree with
 // the same modification times, and the default busybox tree has them all
 // at 0.
 // Building needs mkfs.ext4 and debugfs from e2fsprogs, and the default

@@ -11,6 +11,9 @@ var (
 	// ErrUnknownCompression means a payload starts with no magic number
 	// that the builder can decompress.
 	ErrUnknownCompression = errors.New("unknown compression")
+	// ErrUnsupportedCompression means a payload uses a format the builder
+	// recognizes but cannot decompress: LZO, or xz with a BCJ filter.
+	ErrUnsupportedCompression = errors.New("unsupported compression")
 	// ErrNotVmlinux means a kernel image is not a 64-bit x86 ELF executable
 	// with a PVH entry note or a 64-bit entry point.
 	ErrNotVmlinux = errors.New("not a bootable vmlinux")

@@ -5,11 +5,13 @@ import (
 	"compress/gzip"
 	"debug/elf"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"os"
 	"strings"
 
 	"github.com/u-root/u-root/pkg/cpio"
+	"go.uber.org/goleak"
 	"os/exec"
 	"path/filepath"
 	"sync"
@@ -136,6 +138,14 @@ func (e *buildError) Error() string { return e.err.Error() + ": " + e.out }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	// Decompressors, the download poller and QEMU waiters must all have
+	// stopped by now.
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "goroutines leaked: %v\n", err)
+			code = 1
+		}
+	}
 	if standInDir != "" {
 		os.RemoveAll(standInDir)
 	}

@@ -29,6 +29,11 @@ var DefaultModules = []string{
 	"ext4",
 }
 
+// DefaultOptionalModules lists modules loaded when the kernel has them:
+// the ACPI power button driver and evdev. The agent receives a power-button
+// press (QEMU's system_powerdown) through them and shuts the guest down.
+var DefaultOptionalModules = []string{"button", "evdev"}
+
 // Module is one loadable kernel module.
 type Module struct {
 	// Name is the module name with '-' replaced by '_', as the kernel
@@ -125,14 +130,7 @@ func ParseModulesDep(r io.Reader) (map[string][]string, error) {
 // LoadModuleIndex indexes the module tree at root, a lib/modules/<release>
 // directory.
 func LoadModuleIndex(root string) (*ModuleIndex, error) {
-	ix := &ModuleIndex{
-		root:    root,
-		paths:   make(map[string]string),
-		deps:    make(map[string][]string),
-		softPre: make(map[string][]string),
-		builtin: make(map[string]bool),
-	}
-
+	ix := newModuleIndex(root)
 	if err := ix.loadBuiltin(); err != nil {
 		return nil, err
 	}
@@ -166,6 +164,16 @@ func LoadModuleIndex(root string) (*ModuleIndex, error) {
 		return nil, fmt.Errorf("load module index %s: %w", root, err)
 	}
 	return ix, nil
+}
+
+func newModuleIndex(root string) *ModuleIndex {
+	return &ModuleIndex{
+		root:    root,
+		paths:   make(map[string]string),
+		deps:    make(map[string][]string),
+		softPre: make(map[string][]string),
+		builtin: make(map[string]bool),
+	}
 }
 
 // addPath records a module file. When two files give the same name, the
@@ -225,12 +233,13 @@ type Resolved struct {
 	Builtin []string
 }
 
-// Closure returns the modules that names need, dependencies first. Names
-// may use '-' or '_'. A name that is built into the kernel needs nothing. A
-// name that is neither a module nor built in fails with
-// [ErrModuleNotFound], listing every such name. Optional "pre:" soft
-// dependencies are loaded first when the tree has them.
-func (ix *ModuleIndex) Closure(names []string) (*Resolved, error) {
+// Closure returns the modules that the required and optional names need,
+// dependencies first. Names may use '-' or '_'. A name that is built into
+// the kernel needs nothing. A required name that is neither a module nor
+// built in fails with [ErrModuleNotFound], listing every such name, and a
+// missing optional name is skipped. Optional "pre:" soft dependencies are
+// loaded first when the tree has them.
+func (ix *ModuleIndex) Closure(required, optional []string) (*Resolved, error) {
 	const (
 		visiting = 1
 		done     = 2
@@ -283,8 +292,13 @@ func (ix *ModuleIndex) Closure(names []string) (*Resolved, error) {
 		return nil
 	}
 
-	for _, n := range names {
+	for _, n := range required {
 		if err := visit(ModuleName(n), "", true); err != nil {
+			return nil, err
+		}
+	}
+	for _, n := range optional {
+		if err := visit(ModuleName(n), "", false); err != nil {
 			return nil, err
 		}
 	}

@@ -78,7 +78,7 @@ func TestClosureFromModulesDep(t *testing.T) {
 	if err != nil {
 		t.Fatalf("LoadModuleIndex: %v", err)
 	}
-	res, err := ix.Closure(DefaultModules)
+	res, err := ix.Closure(DefaultModules, nil)
 	if err != nil {
 		t.Fatalf("Closure: %v", err)
 	}
@@ -135,7 +135,7 @@ func TestClosureDashUnderscore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := ix.Closure([]string{"hid_generic", "virtio-blk"})
+	res, err := ix.Closure([]string{"hid_generic", "virtio-blk"}, nil)
 	if err != nil {
 		t.Fatalf("Closure: %v", err)
 	}
@@ -157,7 +157,7 @@ func TestClosureBuiltinAndMissing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := ix.Closure([]string{"ext4", "virtio_mmio", "a"})
+	res, err := ix.Closure([]string{"ext4", "virtio_mmio", "a"}, nil)
 	if err != nil {
 		t.Fatalf("Closure: %v", err)
 	}
@@ -168,7 +168,15 @@ func TestClosureBuiltinAndMissing(t *testing.T) {
 		t.Errorf("Load = %+v, want b then a", res.Load)
 	}
 
-	_, err = ix.Closure([]string{"a", "nosuch", "other-missing"})
+	res, err = ix.Closure([]string{"a"}, []string{"nosuch", "b", "ext4"})
+	if err != nil {
+		t.Fatalf("Closure with a missing optional module: %v", err)
+	}
+	if len(res.Load) != 2 || len(res.Builtin) != 1 {
+		t.Errorf("with optional modules: Load %+v, Builtin %v", res.Load, res.Builtin)
+	}
+
+	_, err = ix.Closure([]string{"a", "nosuch", "other-missing"}, nil)
 	if !errors.Is(err, ErrModuleNotFound) {
 		t.Fatalf("Closure error = %v, want ErrModuleNotFound", err)
 	}
@@ -200,7 +208,7 @@ func TestClosureFromModinfo(t *testing.T) {
 	if err != nil {
 		t.Fatalf("LoadModuleIndex: %v", err)
 	}
-	res, err := ix.Closure([]string{"virtio_mmio", "virtio-console", "ext4"})
+	res, err := ix.Closure([]string{"virtio_mmio", "virtio-console", "ext4"}, nil)
 	if err != nil {
 		t.Fatalf("Closure: %v", err)
 	}
@@ -237,7 +245,7 @@ func TestClosureSoftDependencyLoadedFirst(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := ix.Closure([]string{"ext4"})
+	res, err := ix.Closure([]string{"ext4"}, nil)
 	if err != nil {
 		t.Fatalf("Closure: %v", err)
 	}
@@ -268,7 +276,7 @@ func TestClosureRejects(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, err = ix.Closure([]string{"a"})
+			_, err = ix.Closure([]string{"a"}, nil)
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("Closure error = %v, want %v", err, tt.want)
 			}
@@ -281,7 +289,7 @@ func TestClosureRejects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ix.Closure([]string{"a"}); err == nil || !strings.Contains(err.Error(), "kernel/a.ko") {
+	if _, err := ix.Closure([]string{"a"}, nil); err == nil || !strings.Contains(err.Error(), "kernel/a.ko") {
 		t.Fatalf("Closure on a non-ELF module: error %v, want one naming the file", err)
 	}
 }
@@ -347,15 +355,11 @@ func FuzzParseModulesDep(f *testing.F) {
 			}
 		}
 		// Resolving any accepted file must end, in order or with an error.
-		root := t.TempDir()
-		if err := os.WriteFile(filepath.Join(root, "modules.dep"), []byte(input), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		ix, err := LoadModuleIndex(root)
-		if err != nil {
+		ix := newModuleIndex("fuzz")
+		if err := ix.loadModulesDep(strings.NewReader(input)); err != nil {
 			return
 		}
-		res, err := ix.Closure(sortedKeys(ix.paths))
+		res, err := ix.Closure(sortedKeys(ix.paths), nil)
 		if err != nil {
 			return
 		}
