@@ -36,6 +36,8 @@ CGO_ENABLED=0 go build -o "$cache/bin/ember-agent" ./cmd/ember-agent
 go build -o "$cache/bin/ember" ./cmd/ember
 EMBER_STATE_DIR="$cache/state" "$cache/bin/ember" image build --dir "$cache/bundle" --agent "$cache/bin/ember-agent"
 export EMBER_TEST_BUNDLE="$cache/bundle"
+# The qemu agent tests run uname and true from the bundle's busybox root.
+export EMBER_TEST_AGENT_BOOT_ARGS="ember.mode=switchroot ember.rootflags=ro"
 
 echo "== go test -race"
 go test -race -count=1 -timeout 60m ./...

@@ -112,6 +112,14 @@ func (p *Provider) adopt(ctx context.Context, dir string, rec vmRecord) *instanc
 
 	// The pid file proves that the recorded pid is still this VM's QEMU
 	// and not a recycled pid. A pidfd then follows that process.
+	if rec.Exit != nil {
+		inst.state, inst.reason = rec.Exit.State, rec.Exit.Reason
+		close(inst.exited)
+		if inst.follower != nil {
+			inst.follower.stop()
+		}
+		return inst
+	}
 	if pid, ok := livePID(filepath.Join(dir, pidFileName)); !ok || pid != rec.PID {
 		return fail("qemu exited while no provider was watching it")
 	}
@@ -194,12 +202,28 @@ func (p *Provider) waitAdopted(inst *instance, pidfd int, wake *os.File) {
 
 // recordLocked returns the vm.json content for inst.
 func (inst *instance) recordLocked() vmRecord {
-	return vmRecord{
+	rec := vmRecord{
 		ID:        inst.id,
 		PID:       inst.pid,
 		Accel:     inst.accel,
 		Config:    inst.cfg.Clone(),
 		Machine:   inst.mach,
 		CreatedAt: inst.created,
+	}
+	if inst.state == vm.StateStopped || inst.state == vm.StateFailed {
+		rec.Exit = &exitRecord{State: inst.state, Reason: inst.reason}
+	}
+	return rec
+}
+
+// persistExitLocked records in vm.json that QEMU has ended, in the state
+// inst is in now. A failure is logged: the VM itself is unaffected, only a
+// later adopter would report it as failed.
+func (inst *instance) persistExitLocked() {
+	if inst.detached || inst.dir == "" {
+		return
+	}
+	if err := writeRecord(inst.dir, inst.recordLocked()); err != nil {
+		inst.log.Warn("cannot record the final state of the vm", "vm", inst.id, "err", err)
 	}
 }

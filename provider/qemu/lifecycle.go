@@ -357,6 +357,7 @@ func (p *Provider) Shutdown(ctx context.Context, id string, grace time.Duration)
 		}
 		inst.reason = reason
 	}
+	inst.persistExitLocked()
 	p.log.Info("vm shut down", "vm", id, "reason", inst.reason)
 	return nil
 }

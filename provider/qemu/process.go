@@ -132,6 +132,9 @@ func (p *Provider) finishExit(inst *instance, exitErr error) {
 		inst.transitionLocked(vm.OpFail)
 		inst.reason = "qemu exited unexpectedly: " + describeExit(exitErr, inst.stderrTail())
 	}
+	if !inst.stopping {
+		inst.persistExitLocked()
+	}
 	id, state, reason := inst.id, inst.state, inst.reason
 	logged := inst.registered && !inst.detached
 	inst.mu.Unlock()

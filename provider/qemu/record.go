@@ -26,6 +26,15 @@ type vmRecord struct {
 	Config    vm.Config `json:"config"`
 	Machine   machine   `json:"machine"`
 	CreatedAt time.Time `json:"created_at"`
+	// Exit records how QEMU ended, once it has, so that a provider that
+	// adopts the run directory later reports the true final state.
+	Exit *exitRecord `json:"exit,omitempty"`
+}
+
+// exitRecord is the final state of a VM whose QEMU has exited.
+type exitRecord struct {
+	State  vm.State `json:"state"`
+	Reason string   `json:"reason"`
 }
 
 // writeRecord replaces dir/vm.json atomically.
