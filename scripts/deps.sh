@@ -10,6 +10,8 @@ packages=(
 	nftables        # egress firewall tests
 	iproute2        # ip netns for the network tests
 	ca-certificates # apt-get download of the guest kernel
+	xz-utils        # test fixtures of the image builder
+	bzip2           # test fixtures of the image builder
 )
 
 missing=()
@@ -18,14 +20,18 @@ for p in "${packages[@]}"; do
 		missing+=("$p")
 	fi
 done
-if [ ${#missing[@]} -eq 0 ]; then
-	exit 0
-fi
-
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
 	sudo="sudo"
 fi
-echo "deps: installing ${missing[*]}"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# ember image build resolves Debian's cloud kernel with apt-cache, which
+# needs package lists; a fresh machine may have none.
+if [ ${#missing[@]} -gt 0 ] || ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
+	echo "deps: updating the package lists"
+	$sudo apt-get update -qq
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "deps: installing ${missing[*]}"
+	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
