@@ -539,4 +539,3 @@ func (a *app) printVM(ctx context.Context, p vm.Provider, id, done string) error
 	fmt.Fprintf(a.stdout, "%s %s (state %s)\n", id, done, info.State)
 	return nil
 }
-
