@@ -35,6 +35,7 @@ func (p *Pool) Acquire(ctx context.Context, key Key, tenant Tenant) (Result, err
 			break
 		}
 		res, err := p.handOff(ctx, e, tenant)
+		b.signal()
 		if err == nil {
 			p.metrics.hits.WithLabelValues(b.name).Inc()
 			return p.finish(b, res, PathWarm, start), nil

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
+	"time"
 
 	"github.com/embervm/ember/agent"
 	"github.com/embervm/ember/vm"
@@ -15,16 +17,31 @@ import (
 // a pool entry changes its VM id when it is handed out.
 type AgentGuest struct {
 	Dialer vm.AgentDialer
+	// Options configures each connection; nil means DefaultAgentOptions.
+	Options *agent.Options
 }
 
 var _ Guest = AgentGuest{}
+
+// DefaultAgentOptions retries sooner than the agent client's defaults (50
+// ms between dials, 500 ms before a hello is sent again), because every
+// acquire waits on these connections. The backoff still doubles, so a
+// booting guest is not flooded with hellos.
+var DefaultAgentOptions = agent.Options{
+	RetryInterval: 10 * time.Millisecond,
+	HelloInterval: 100 * time.Millisecond,
+}
 
 func (g AgentGuest) connect(ctx context.Context, id string) (*agent.Client, error) {
 	if g.Dialer == nil {
 		return nil, errors.New("agent guest: no dialer")
 	}
+	opts := g.Options
+	if opts == nil {
+		opts = &DefaultAgentOptions
+	}
 	dial := func(ctx context.Context) (net.Conn, error) { return g.Dialer.DialAgent(ctx, id) }
-	return agent.Dial(ctx, dial, nil)
+	return agent.Dial(ctx, dial, opts)
 }
 
 // Health connects to the agent in VM id, retrying while the guest boots,
@@ -42,7 +59,9 @@ func (g AgentGuest) Health(ctx context.Context, id string) error {
 }
 
 // Personalize sets the guest clock first (a restored guest's clock is as
-// old as its snapshot), then the network, hostname and environment.
+// old as its snapshot), then the network, hostname and environment. The
+// agent serves requests on one connection concurrently, so those three are
+// sent at once and cost one round trip instead of up to three.
 func (g AgentGuest) Personalize(ctx context.Context, id string, p Personalization) error {
 	c, err := g.connect(ctx, id)
 	if err != nil {
@@ -54,22 +73,39 @@ func (g AgentGuest) Personalize(ctx context.Context, id string, p Personalizatio
 			return fmt.Errorf("sync clock of %s: %w", id, err)
 		}
 	}
+
+	var steps []func() error
 	if len(p.Network.Interfaces) > 0 {
-		if err := c.ConfigureNetwork(ctx, AgentNetworkConfig(p.Network)); err != nil {
-			return fmt.Errorf("configure network of %s: %w", id, err)
-		}
+		steps = append(steps, func() error {
+			if err := c.ConfigureNetwork(ctx, AgentNetworkConfig(p.Network)); err != nil {
+				return fmt.Errorf("configure network of %s: %w", id, err)
+			}
+			return nil
+		})
 	}
 	if p.Hostname != "" {
-		if err := c.SetHostname(ctx, p.Hostname); err != nil {
-			return fmt.Errorf("set hostname of %s: %w", id, err)
-		}
+		steps = append(steps, func() error {
+			if err := c.SetHostname(ctx, p.Hostname); err != nil {
+				return fmt.Errorf("set hostname of %s: %w", id, err)
+			}
+			return nil
+		})
 	}
 	if len(p.Env) > 0 {
-		if err := c.SetEnv(ctx, p.Env); err != nil {
-			return fmt.Errorf("set environment of %s: %w", id, err)
-		}
+		steps = append(steps, func() error {
+			if err := c.SetEnv(ctx, p.Env); err != nil {
+				return fmt.Errorf("set environment of %s: %w", id, err)
+			}
+			return nil
+		})
 	}
-	return nil
+	errs := make([]error, len(steps))
+	var wg sync.WaitGroup
+	for i, step := range steps {
+		wg.Go(func() { errs[i] = step() })
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // AgentNetworkConfig converts guest addressing into the agent's network

@@ -2,6 +2,7 @@ package pool
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -134,4 +135,37 @@ type refusingDialer struct{}
 
 func (refusingDialer) DialAgent(ctx context.Context, id string) (net.Conn, error) {
 	return nil, &net.OpError{Op: "dial", Net: "unix", Err: os.ErrNotExist}
+}
+
+// The steps after the clock run concurrently, so a failing step must not
+// stop the others, and its error must name the step and the VM.
+func TestAgentGuestPersonalizeStepFails(t *testing.T) {
+	root := t.TempDir()
+	sys := &recordingSystem{}
+	srv, err := guest.NewServer(guest.Config{Root: root, System: sys, Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &pipeDialer{srv: srv, ctx: ctx}
+	t.Cleanup(func() {
+		cancel()
+		d.wg.Wait()
+		srv.Close()
+	})
+	g := AgentGuest{Dialer: d}
+
+	p := Personalization{Hostname: "-invalid-", Env: map[string]string{"TENANT": "two"}}
+	err = g.Personalize(context.Background(), "tenant-2", p)
+	var agentErr *agent.Error
+	if !errors.As(err, &agentErr) || agentErr.Code != agent.CodeInvalidArgument {
+		t.Fatalf("personalize with an invalid hostname: error %v, want an agent error with code %s", err, agent.CodeInvalidArgument)
+	}
+	if !strings.Contains(err.Error(), "set hostname of tenant-2") {
+		t.Errorf("error %q does not name the step and the vm", err)
+	}
+	env, err := os.ReadFile(filepath.Join(root, "run", "ember", "env"))
+	if err != nil || !strings.Contains(string(env), "TENANT=two") {
+		t.Errorf("env file = %q (%v), want the environment set despite the failed hostname", env, err)
+	}
 }

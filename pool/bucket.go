@@ -175,7 +175,10 @@ func (b *bucket) refill(generation int, cfg BucketConfig) {
 	b.signal()
 }
 
-// claim removes the oldest ready entry of the current generation.
+// claim removes the oldest ready entry of the current generation. It does
+// not wake the refiller: the caller signals once the hand-off is over, so
+// that the refill's restore does not compete with the hand-off for the
+// CPU.
 func (b *bucket) claim() *entry {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -184,7 +187,6 @@ func (b *bucket) claim() *entry {
 		b.ready = b.ready[1:]
 		b.p.metrics.depth.WithLabelValues(b.name).Set(float64(len(b.ready)))
 		if e.generation == b.generation {
-			b.signal()
 			return e
 		}
 	}

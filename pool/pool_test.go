@@ -101,6 +101,8 @@ type fakeGuest struct {
 	block     bool            // health checks block until ctx ends
 	personas  map[string]Personalization
 	healthCnt int
+	// gate, when set, blocks every Personalize until it is closed.
+	gate chan struct{}
 }
 
 func newFakeGuest() *fakeGuest {
@@ -123,6 +125,12 @@ func (g *fakeGuest) Health(ctx context.Context, id string) error {
 }
 
 func (g *fakeGuest) Personalize(ctx context.Context, id string, p Personalization) error {
+	g.mu.Lock()
+	gate := g.gate
+	g.mu.Unlock()
+	if gate != nil {
+		<-gate
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.personas[id] = p
@@ -536,4 +544,31 @@ func TestRemoveBucket(t *testing.T) {
 	if err := f.pool.Remove(context.Background(), f.key); !errors.Is(err, ErrUnknownBucket) {
 		t.Fatalf("second remove: err = %v", err)
 	}
+}
+
+// A refill competes with the hand-off for the CPU, so it starts only once
+// the hand-off is over.
+func TestRefillWaitsForHandOff(t *testing.T) {
+	// No periodic wake-up of the refiller during the test.
+	f := newFixture(t, func(o *Options) { o.EvictInterval = time.Hour })
+	mustNil(t, f.pool.Register(f.bucket(2, 2)))
+	waitFor(t, "depth 2", func() bool { return f.ready() == 2 })
+
+	gate := make(chan struct{})
+	f.gst.mu.Lock()
+	f.gst.gate = gate
+	f.gst.mu.Unlock()
+	done := make(chan error, 1)
+	go func() {
+		_, err := f.pool.Acquire(context.Background(), f.key, Tenant{ID: "alice"})
+		done <- err
+	}()
+	waitFor(t, "the hand-off to claim an entry", func() bool { return f.ready() == 1 })
+	if st := f.pool.Status()[0]; st.InFlight != 0 {
+		t.Errorf("refills in flight during the hand-off: %d, want 0", st.InFlight)
+	}
+
+	close(gate)
+	mustNil(t, <-done)
+	waitFor(t, "refill after the hand-off", func() bool { return f.ready() == 2 })
 }
