@@ -137,7 +137,7 @@ func (refusingDialer) DialAgent(ctx context.Context, id string) (net.Conn, error
 	return nil, &net.OpError{Op: "dial", Net: "unix", Err: os.ErrNotExist}
 }
 
-// The steps after the clock run concurrently, so a failing step must not
+// The personalization steps run concurrently, so a failing step must not
 // stop the others, and its error must name the step and the VM.
 func TestAgentGuestPersonalizeStepFails(t *testing.T) {
 	root := t.TempDir()

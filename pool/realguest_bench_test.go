@@ -40,11 +40,16 @@ import (
 // EMBER_BENCH_WARM sets the number of warm acquires (default 50),
 // EMBER_BENCH_SLOW the number of restore and of cold acquires (default 10)
 // and EMBER_BENCH_BURSTS the number of bursts (default 5).
+// EMBER_BENCH_KEEP_RUNNING=1 keeps the warm entries running instead of
+// paused. The benchmark logs the host's load average before and after,
+// because other processes on the host change every number.
 func BenchmarkWarmPool(b *testing.B) {
 	nWarm := benchCount(b, "EMBER_BENCH_WARM", 50)
 	nSlow := benchCount(b, "EMBER_BENCH_SLOW", 10)
 	nBursts := benchCount(b, "EMBER_BENCH_BURSTS", 5)
+	keepRunning := os.Getenv("EMBER_BENCH_KEEP_RUNNING") == "1"
 	const depth = 4
+	b.Logf("load average before: %s", loadAverage())
 
 	env := newRealEnv(b)
 	ref := env.golden(b, goldenID, "base")
@@ -63,7 +68,7 @@ func BenchmarkWarmPool(b *testing.B) {
 	restoreKey := pool.Key{Stack: "bundle-restore", Version: "1", VCPUCount: 1, MemSizeMiB: guestMemMiB}
 	coldKey := pool.Key{Stack: "bundle-cold", Version: "1", VCPUCount: 1, MemSizeMiB: guestMemMiB}
 	configs := []pool.BucketConfig{
-		{Key: warmKey, Snapshot: ref, MinDepth: depth, RefillConcurrency: 2},
+		{Key: warmKey, Snapshot: ref, MinDepth: depth, RefillConcurrency: 2, KeepRunning: keepRunning},
 		{Key: restoreKey, Snapshot: ref, RestoreOnDemand: true},
 		{Key: coldKey, Snapshot: ref, ColdBoot: func(id string, _ pool.Attachment) (vm.Config, error) {
 			return env.bootConfig(id)
@@ -116,6 +121,7 @@ func BenchmarkWarmPool(b *testing.B) {
 		pool.PathCold:    len(cold),
 	})
 	reportBench(b, warm, restore, cold, refill, depth)
+	b.Logf("load average after: %s; warm entries kept running: %v", loadAverage(), keepRunning)
 	b.Logf("of a warm acquire, personalization through the agent took p50 %s, p99 %s",
 		percentile(warmPersonalize, 50).Round(100*time.Microsecond), percentile(warmPersonalize, 99).Round(100*time.Microsecond))
 }
@@ -279,4 +285,14 @@ func benchCount(b *testing.B, name string, def int) int {
 		b.Fatalf("%s=%q is invalid, must be a positive integer", name, v)
 	}
 	return n
+}
+
+// loadAverage returns the first three fields of /proc/loadavg.
+func loadAverage() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown (" + err.Error() + ")"
+	}
+	fields := strings.Fields(string(data))
+	return strings.Join(fields[:min(3, len(fields))], " ")
 }
