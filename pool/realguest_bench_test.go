@@ -49,7 +49,7 @@ func BenchmarkWarmPool(b *testing.B) {
 	nBursts := benchCount(b, "EMBER_BENCH_BURSTS", 5)
 	keepRunning := os.Getenv("EMBER_BENCH_KEEP_RUNNING") == "1"
 	const depth = 4
-	b.Logf("load average before: %s", loadAverage())
+	loadBefore := loadAverage()
 
 	env := newRealEnv(b)
 	ref := env.golden(b, goldenID, "base")
@@ -120,10 +120,13 @@ func BenchmarkWarmPool(b *testing.B) {
 		pool.PathRestore: len(restore),
 		pool.PathCold:    len(cold),
 	})
-	reportBench(b, warm, restore, cold, refill, depth)
-	b.Logf("load average after: %s; warm entries kept running: %v", loadAverage(), keepRunning)
-	b.Logf("of a warm acquire, personalization through the agent took p50 %s, p99 %s",
-		percentile(warmPersonalize, 50).Round(100*time.Microsecond), percentile(warmPersonalize, 99).Round(100*time.Microsecond))
+	notes := []string{
+		fmt.Sprintf("of a warm acquire, personalization through the agent took p50 %s, p99 %s",
+			percentile(warmPersonalize, 50).Round(100*time.Microsecond), percentile(warmPersonalize, 99).Round(100*time.Microsecond)),
+		fmt.Sprintf("warm entries kept running: %v", keepRunning),
+		fmt.Sprintf("load average before %s, after %s", loadBefore, loadAverage()),
+	}
+	reportBench(b, warm, restore, cold, refill, depth, notes)
 }
 
 // timedGuest records how long each VM's personalization took.
@@ -232,8 +235,9 @@ func labelValue(m *dto.Metric, name string) string {
 }
 
 // reportBench reports percentiles and ratios as benchmark metrics and logs
-// a table.
-func reportBench(b *testing.B, warm, restore, cold, refill []time.Duration, depth int) {
+// a table followed by notes, in one log entry because the testing package
+// shortens a benchmark's log to ten lines.
+func reportBench(b *testing.B, warm, restore, cold, refill []time.Duration, depth int, notes []string) {
 	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 	warmP50, warmP99 := percentile(warm, 50), percentile(warm, 99)
 	restoreP50, restoreP99 := percentile(restore, 50), percentile(restore, 99)
@@ -260,6 +264,9 @@ func reportBench(b *testing.B, warm, restore, cold, refill []time.Duration, dept
 	row(fmt.Sprintf("refill after burst of %d", depth), refill, refillP50, percentile(refill, 99))
 	fmt.Fprintf(&sb, "cold/warm p50 %.1fx, restore/warm p50 %.1fx, refill max %s\n",
 		float64(coldP50)/float64(warmP50), float64(restoreP50)/float64(warmP50), refillMax.Round(time.Millisecond))
+	for _, note := range notes {
+		sb.WriteString(note + "\n")
+	}
 	b.Log(sb.String())
 }
 
