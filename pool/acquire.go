@@ -158,13 +158,19 @@ func (p *Pool) personalize(ctx context.Context, tenant Tenant, att Attachment) e
 	if hostname == "" {
 		hostname = tenant.ID
 	}
-	err := p.opts.Guest.Personalize(ctx, tenant.ID, Personalization{
+	pers := Personalization{
 		Hostname: hostname,
 		Env:      tenant.Env,
 		Network:  att.Guest,
 		Clock:    p.opts.Now(),
-	})
-	if err != nil {
+	}
+	if g, ok := p.opts.Guest.(CheckingGuest); ok {
+		if err := g.PersonalizeAndCheck(ctx, tenant.ID, pers); err != nil {
+			return fmt.Errorf("personalize and check %s: %w", tenant.ID, err)
+		}
+		return nil
+	}
+	if err := p.opts.Guest.Personalize(ctx, tenant.ID, pers); err != nil {
 		return fmt.Errorf("personalize %s: %w", tenant.ID, err)
 	}
 	if err := p.opts.Guest.Health(ctx, tenant.ID); err != nil {

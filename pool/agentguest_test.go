@@ -169,3 +169,44 @@ func TestAgentGuestPersonalizeStepFails(t *testing.T) {
 		t.Errorf("env file = %q (%v), want the environment set despite the failed hostname", env, err)
 	}
 }
+
+// PersonalizeAndCheck uses one connection for the personalization and the
+// health check, and reports a failed step like Personalize.
+func TestAgentGuestPersonalizeAndCheck(t *testing.T) {
+	root := t.TempDir()
+	sys := &recordingSystem{}
+	srv, err := guest.NewServer(guest.Config{Root: root, System: sys, Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &pipeDialer{srv: srv, ctx: ctx}
+	t.Cleanup(func() {
+		cancel()
+		d.wg.Wait()
+		srv.Close()
+	})
+	g := AgentGuest{Dialer: d}
+
+	if err := g.PersonalizeAndCheck(context.Background(), "tenant-3", Personalization{Hostname: "tenant-3"}); err != nil {
+		t.Fatalf("personalize and check: %v", err)
+	}
+	d.mu.Lock()
+	dials := len(d.dialed)
+	d.mu.Unlock()
+	if dials != 1 {
+		t.Errorf("dials: %d, want 1", dials)
+	}
+	sys.mu.Lock()
+	hostname := sys.hostname
+	sys.mu.Unlock()
+	if hostname != "tenant-3" {
+		t.Errorf("hostname %q, want tenant-3", hostname)
+	}
+
+	err = g.PersonalizeAndCheck(context.Background(), "tenant-3", Personalization{Hostname: "-invalid-"})
+	var agentErr *agent.Error
+	if !errors.As(err, &agentErr) || agentErr.Code != agent.CodeInvalidArgument {
+		t.Fatalf("personalize and check with an invalid hostname: error %v, want an agent error with code %s", err, agent.CodeInvalidArgument)
+	}
+}

@@ -198,6 +198,17 @@ type Guest interface {
 	Personalize(ctx context.Context, id string, p Personalization) error
 }
 
+// CheckingGuest is a Guest that can personalize a VM and check its agent's
+// health in one step. Acquire then calls PersonalizeAndCheck in place of
+// Personalize followed by Health, which for an agent reached over a socket
+// means one connection instead of two.
+type CheckingGuest interface {
+	Guest
+	// PersonalizeAndCheck applies p inside VM id and then returns nil only
+	// when the agent answers a health check.
+	PersonalizeAndCheck(ctx context.Context, id string, p Personalization) error
+}
+
 // Tenant is who an Acquire serves.
 type Tenant struct {
 	// ID becomes the VM id; it must not be in use.

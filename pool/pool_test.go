@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -571,4 +572,65 @@ func TestRefillWaitsForHandOff(t *testing.T) {
 	close(gate)
 	mustNil(t, <-done)
 	waitFor(t, "refill after the hand-off", func() bool { return f.ready() == 2 })
+}
+
+// checkingGuest is a fakeGuest that personalizes and checks health in one
+// step.
+type checkingGuest struct {
+	*fakeGuest
+	mu     sync.Mutex
+	checks []string
+	// healthIDs are the ids of separate Health calls.
+	healthIDs []string
+}
+
+func (g *checkingGuest) Health(ctx context.Context, id string) error {
+	g.mu.Lock()
+	g.healthIDs = append(g.healthIDs, id)
+	g.mu.Unlock()
+	return g.fakeGuest.Health(ctx, id)
+}
+
+func (g *checkingGuest) PersonalizeAndCheck(ctx context.Context, id string, p Personalization) error {
+	if err := g.fakeGuest.Personalize(ctx, id, p); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	g.checks = append(g.checks, id)
+	g.mu.Unlock()
+	g.fakeGuest.mu.Lock()
+	sick := g.fakeGuest.sick[id]
+	g.fakeGuest.mu.Unlock()
+	if sick {
+		return errors.New("agent not answering")
+	}
+	return nil
+}
+
+// A CheckingGuest personalizes and checks a tenant in one call, so Acquire
+// makes no separate health call.
+func TestAcquireWithCheckingGuest(t *testing.T) {
+	var g *checkingGuest
+	f := newFixture(t, func(o *Options) {
+		g = &checkingGuest{fakeGuest: o.Guest.(*fakeGuest)}
+		o.Guest = g
+	})
+	mustNil(t, f.pool.Register(f.bucket(1, 1)))
+	waitFor(t, "depth 1", func() bool { return f.ready() == 1 })
+
+	res, err := f.pool.Acquire(context.Background(), f.key, Tenant{ID: "carol"})
+	mustNil(t, err)
+	if res.Path != PathWarm {
+		t.Errorf("path = %s, want warm", res.Path)
+	}
+	g.mu.Lock()
+	checks := slices.Clone(g.checks)
+	healthIDs := slices.Clone(g.healthIDs)
+	g.mu.Unlock()
+	if slices.Contains(healthIDs, "carol") {
+		t.Errorf("separate health calls %v include the tenant", healthIDs)
+	}
+	if !slices.Equal(checks, []string{"carol"}) {
+		t.Errorf("personalize-and-check calls: %v, want [carol]", checks)
+	}
 }
