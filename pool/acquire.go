@@ -189,7 +189,7 @@ func (p *Pool) result(ctx context.Context, id string, att Attachment) (Result, e
 
 // restoreFor restores the bucket's snapshot directly as the tenant's VM.
 func (p *Pool) restoreFor(ctx context.Context, cfg BucketConfig, tenant Tenant) (res Result, err error) {
-	e, err := p.restore(ctx, tenant.ID, cfg, false)
+	e, err := p.restore(ctx, tenant.ID, cfg, false, false)
 	if err != nil {
 		return res, err
 	}

@@ -21,7 +21,10 @@ type AgentGuest struct {
 	Options *agent.Options
 }
 
-var _ CheckingGuest = AgentGuest{}
+var (
+	_ CheckingGuest = AgentGuest{}
+	_ Warmer        = AgentGuest{}
+)
 
 // DefaultAgentOptions retries sooner than the agent client's defaults (50
 // ms between dials, 500 ms before a hello is sent again), because every
@@ -72,10 +75,10 @@ func (g AgentGuest) Personalize(ctx context.Context, id string, p Personalizatio
 	return personalize(ctx, c, id, p)
 }
 
-// PersonalizeAndCheck does what Personalize does and then asks the agent
-// for its health on the same connection. A connection costs far more than
-// a request: the agent notices a new host connection only when it next
-// polls its virtio-serial port, every 50 ms.
+// PersonalizeAndCheck runs Personalize and then a health request on the
+// same connection. A new connection costs far more than a request, because
+// the agent notices a host connection only when it next polls its
+// virtio-serial port, every 50 ms (agent/guest, ServeVirtioPort).
 func (g AgentGuest) PersonalizeAndCheck(ctx context.Context, id string, p Personalization) error {
 	c, err := g.connect(ctx, id)
 	if err != nil {
@@ -87,6 +90,32 @@ func (g AgentGuest) PersonalizeAndCheck(ctx context.Context, id string, p Person
 	}
 	if _, err := c.Health(ctx); err != nil {
 		return fmt.Errorf("agent of %s: health after personalization: %w", id, err)
+	}
+	return nil
+}
+
+// warmEnvName is the variable that Warm unsets, which no one sets, so that
+// the agent runs its environment code without changing the environment.
+const warmEnvName = "EMBER_POOL_WARMUP"
+
+// Warm runs a personalization in pool entry id that a tenant's hand-off
+// overwrites: the clock, the entry's id as its hostname, and the unset of
+// a variable that is not set. Then it checks the agent's health. The
+// network is not configured, because an entry has no addresses of its own.
+func (g AgentGuest) Warm(ctx context.Context, id string) error {
+	c, err := g.connect(ctx, id)
+	if err != nil {
+		return fmt.Errorf("agent of %s: %w", id, err)
+	}
+	defer c.Close()
+	if err := personalize(ctx, c, id, Personalization{Clock: time.Now(), Hostname: id}); err != nil {
+		return err
+	}
+	if err := c.SetEnv(ctx, nil, warmEnvName); err != nil {
+		return fmt.Errorf("warm the environment of %s: %w", id, err)
+	}
+	if _, err := c.Health(ctx); err != nil {
+		return fmt.Errorf("agent of %s: health after warming: %w", id, err)
 	}
 	return nil
 }

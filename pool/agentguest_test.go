@@ -210,3 +210,45 @@ func TestAgentGuestPersonalizeAndCheck(t *testing.T) {
 		t.Fatalf("personalize and check with an invalid hostname: error %v, want an agent error with code %s", err, agent.CodeInvalidArgument)
 	}
 }
+
+// Warm runs the personalization code with values a hand-off overwrites and
+// leaves the environment as it was.
+func TestAgentGuestWarm(t *testing.T) {
+	root := t.TempDir()
+	sys := &recordingSystem{}
+	srv, err := guest.NewServer(guest.Config{Root: root, System: sys, Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &pipeDialer{srv: srv, ctx: ctx}
+	t.Cleanup(func() {
+		cancel()
+		d.wg.Wait()
+		srv.Close()
+	})
+	g := AgentGuest{Dialer: d}
+
+	if err := g.Warm(context.Background(), "pool-1"); err != nil {
+		t.Fatalf("warm: %v", err)
+	}
+	sys.mu.Lock()
+	hostname, clock := sys.hostname, sys.clock
+	sys.mu.Unlock()
+	if hostname != "pool-1" {
+		t.Errorf("hostname %q, want pool-1", hostname)
+	}
+	if clock.IsZero() {
+		t.Error("clock not set")
+	}
+	env, err := os.ReadFile(filepath.Join(root, "run", "ember", "env"))
+	if err == nil && strings.Contains(string(env), warmEnvName) {
+		t.Errorf("env file = %q, want no %s", env, warmEnvName)
+	}
+	d.mu.Lock()
+	dials := len(d.dialed)
+	d.mu.Unlock()
+	if dials != 1 {
+		t.Errorf("dials: %d, want 1", dials)
+	}
+}

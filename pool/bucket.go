@@ -131,7 +131,7 @@ func (b *bucket) refill(generation int, cfg BucketConfig) {
 	defer cancel()
 
 	id := b.p.nextEntryID()
-	e, err := b.p.restore(ctx, id, cfg, !cfg.KeepRunning)
+	e, err := b.p.restore(ctx, id, cfg, true, !cfg.KeepRunning)
 	if err == nil {
 		e.generation = generation
 	}
@@ -307,9 +307,10 @@ func (b *bucket) current() (BucketConfig, error) {
 var errVerify = errors.New("snapshot verification failed")
 
 // restore makes VM id from cfg's snapshot with its own network identity,
-// waits for its agent and pauses it when pause is set. On failure it leaves
-// nothing behind.
-func (p *Pool) restore(ctx context.Context, id string, cfg BucketConfig, pause bool) (e *entry, err error) {
+// waits for its agent and pauses it when pause is set. For a pool entry
+// (forEntry set) it warms the guest when the Guest is a [Warmer]. On
+// failure it leaves nothing behind.
+func (p *Pool) restore(ctx context.Context, id string, cfg BucketConfig, forEntry, pause bool) (e *entry, err error) {
 	if p.opts.VerifySnapshot != nil {
 		if err := p.opts.VerifySnapshot(ctx, cfg.Snapshot); err != nil {
 			return nil, fmt.Errorf("restore %s: %w: %w", id, errVerify, err)
@@ -343,7 +344,11 @@ func (p *Pool) restore(ctx context.Context, id string, cfg BucketConfig, pause b
 		return nil, fmt.Errorf("restore %s from snapshot %s/%s: %w", id, ref.VMID, ref.SnapshotID, err)
 	}
 	created = true
-	if err := p.opts.Guest.Health(ctx, id); err != nil {
+	if w, ok := p.opts.Guest.(Warmer); ok && forEntry {
+		if err := w.Warm(ctx, id); err != nil {
+			return nil, fmt.Errorf("restore %s: warm the guest: %w", id, err)
+		}
+	} else if err := p.opts.Guest.Health(ctx, id); err != nil {
 		return nil, fmt.Errorf("restore %s: agent health: %w", id, err)
 	}
 	if pause {

@@ -204,9 +204,20 @@ type Guest interface {
 // means one connection instead of two.
 type CheckingGuest interface {
 	Guest
-	// PersonalizeAndCheck applies p inside VM id and then returns nil only
-	// when the agent answers a health check.
+	// PersonalizeAndCheck applies p inside VM id, then runs a health check
+	// and returns nil only when the agent replied to it.
 	PersonalizeAndCheck(ctx context.Context, id string, p Personalization) error
+}
+
+// Warmer is a Guest that can run the code paths of a personalization in a
+// pool entry before the entry is handed out. Refills call Warm in place of
+// Health, so Warm must also check the agent's health. It matters under
+// software emulation: QEMU's TCG translates guest code again in every
+// QEMU process, so a restored guest runs each code path slowly the first
+// time. In one measurement on QEMU 7.2 TCG, personalizing an entry that
+// was warmed took about 10 ms, against 50–100 ms for one that was not.
+type Warmer interface {
+	Warm(ctx context.Context, id string) error
 }
 
 // Tenant is who an Acquire serves.

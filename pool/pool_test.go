@@ -634,3 +634,57 @@ func TestAcquireWithCheckingGuest(t *testing.T) {
 		t.Errorf("personalize-and-check calls: %v, want [carol]", checks)
 	}
 }
+
+// warmingGuest is a fakeGuest that records Warm calls.
+type warmingGuest struct {
+	*fakeGuest
+	mu     sync.Mutex
+	warmed []string
+}
+
+func (g *warmingGuest) Warm(ctx context.Context, id string) error {
+	g.mu.Lock()
+	g.warmed = append(g.warmed, id)
+	g.mu.Unlock()
+	return g.fakeGuest.Health(ctx, id)
+}
+
+func (g *warmingGuest) warmedIDs() []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Clone(g.warmed)
+}
+
+// Refills warm their entries through a Warmer; restores on demand, whose
+// tenant waits, do not.
+func TestRefillWarmsEntries(t *testing.T) {
+	var g *warmingGuest
+	f := newFixture(t, func(o *Options) {
+		g = &warmingGuest{fakeGuest: o.Guest.(*fakeGuest)}
+		o.Guest = g
+	})
+	mustNil(t, f.pool.Register(f.bucket(2, 2)))
+	waitFor(t, "depth 2", func() bool { return f.ready() == 2 })
+	warmed := g.warmedIDs()
+	if len(warmed) != 2 {
+		t.Fatalf("warmed %v, want the 2 entries", warmed)
+	}
+	for _, id := range warmed {
+		if !f.isEntry(t, id) {
+			t.Errorf("warmed %s, which is not a pool entry", id)
+		}
+	}
+
+	cfg := f.bucket(0, 0)
+	cfg.Key.Stack = "on-demand"
+	cfg.RestoreOnDemand = true
+	mustNil(t, f.pool.Register(cfg))
+	res, err := f.pool.Acquire(context.Background(), cfg.Key, Tenant{ID: "dave"})
+	mustNil(t, err)
+	if res.Path != PathRestore {
+		t.Errorf("path = %s, want restore", res.Path)
+	}
+	if slices.Contains(g.warmedIDs(), "dave") {
+		t.Error("restore on demand warmed the tenant's vm")
+	}
+}

@@ -58,7 +58,7 @@ func BenchmarkWarmPool(b *testing.B) {
 		b.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	guest := &timedGuest{CheckingGuest: pool.AgentGuest{Dialer: env.prov}, personalize: map[string]time.Duration{}}
+	guest := &timedGuest{AgentGuest: pool.AgentGuest{Dialer: env.prov}, personalize: map[string]time.Duration{}}
 	p := env.newPool(b, func(o *pool.Options) {
 		o.Registerer = reg
 		o.Guest = guest
@@ -132,14 +132,14 @@ func BenchmarkWarmPool(b *testing.B) {
 // timedGuest records how long each VM's personalization took, including
 // the health check when the guest does both in one step.
 type timedGuest struct {
-	pool.CheckingGuest
+	pool.AgentGuest
 	mu          sync.Mutex
 	personalize map[string]time.Duration
 }
 
 func (g *timedGuest) PersonalizeAndCheck(ctx context.Context, id string, p pool.Personalization) error {
 	start := time.Now()
-	err := g.CheckingGuest.PersonalizeAndCheck(ctx, id, p)
+	err := g.AgentGuest.PersonalizeAndCheck(ctx, id, p)
 	g.mu.Lock()
 	g.personalize[id] = time.Since(start)
 	g.mu.Unlock()
