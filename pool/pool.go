@@ -4,10 +4,11 @@
 // A pool has buckets. Each bucket is bound to one snapshot and keeps between
 // MinDepth and MaxDepth entries: VMs restored from that snapshot, each with its
 // own network identity and run directory, checked with an agent health call
-// and then paused (or left running). [Pool.Acquire] claims one entry, renames
-// it to the tenant's VM id, hands its network identity to the tenant, resumes
-// it, personalizes the guest (clock, addresses, hostname, environment) and
-// checks its health. An entry that fails any step is destroyed and the next
+// (or warmed, when the [Guest] is a [Warmer]) and then paused (or left
+// running). [Pool.Acquire] claims one entry, renames it to the tenant's VM
+// id, hands its network identity to the tenant, resumes it, personalizes
+// the guest (clock, addresses, hostname, environment) and checks its
+// health. An entry that fails any step is destroyed and the next
 // one is tried. When the bucket is empty, Acquire restores on demand or cold
 // boots, as the bucket allows, and the [Result] says which path served it.
 //
