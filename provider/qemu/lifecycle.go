@@ -25,6 +25,11 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	if err := cfg.Validate(); err != nil {
 		return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
 	}
+	if netns := p.netnsOf(&cfg); netns != "" {
+		if err := checkNetNS(netns); err != nil {
+			return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
+		}
+	}
 	if err := p.reserve(cfg.ID); err != nil {
 		return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
 	}
@@ -89,9 +94,10 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 		inst.cfg = m.config(cfg.ID)
 		inst.cfg.RestoreFrom = cfg.RestoreFrom.Clone()
 		inst.cfg.TrackDirtyPages = cfg.TrackDirtyPages
+		inst.cfg.NetNS = cfg.NetNS
 	}
 
-	if err := p.startProcess(inst, buildArgs(&m, l), extra); err != nil {
+	if err := p.startProcess(inst, p.netnsOf(cfg), buildArgs(&m, l), extra); err != nil {
 		return nil, err
 	}
 	started := inst // inst, the named result, is nil when the rollback runs
