@@ -488,13 +488,20 @@ func (m *Manager) policy(l Lease, n Network) (nft.VMPolicy, error) {
 	if err != nil {
 		return p, err
 	}
+	// An address inside a range already protected, such as a bridge's
+	// gateway or a slot's host-side veth address, gets no rule of its
+	// own. Otherwise a VM's rules would depend on how many slots existed
+	// when it attached, and Reconcile would rewrite them after a restart.
 	for _, a := range addrs {
-		if !a.Addr().IsLoopback() {
-			p.Protected = append(p.Protected, netip.PrefixFrom(a.Addr(), 32))
+		addr := a.Addr()
+		covered := slices.ContainsFunc(p.Protected, func(r netip.Prefix) bool { return r.Contains(addr) })
+		if !addr.IsLoopback() && !covered {
+			p.Protected = append(p.Protected, netip.PrefixFrom(addr, 32))
 		}
 	}
-	// NOTE: host addresses added after this call are not protected until
-	// the VM's rules are installed again (Reconcile does that).
+	// NOTE: host addresses outside Ember's networks that are added after
+	// this call are not protected until the VM's rules are installed
+	// again (Reconcile does that).
 	return p, nil
 }
 
