@@ -29,7 +29,10 @@ func (p *Pool) Acquire(ctx context.Context, key Key, tenant Tenant) (Result, err
 	}
 	defer release()
 
-	for {
+	// Entries that fail are destroyed and the next is tried, but a refill
+	// can add entries while this loop runs, so the attempts are bounded by
+	// the bucket's depth: a fault that breaks every entry must not loop.
+	for attempt := 0; attempt < b.maxAttempts(); attempt++ {
 		e := b.claim()
 		if e == nil {
 			break

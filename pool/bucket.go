@@ -175,6 +175,14 @@ func (b *bucket) refill(generation int, cfg BucketConfig) {
 	b.signal()
 }
 
+// maxAttempts bounds the entries one Acquire tries: the bucket's maximum
+// depth, and at least one.
+func (b *bucket) maxAttempts() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return max(b.cfg.maxDepth(), 1)
+}
+
 // claim removes the oldest ready entry of the current generation.
 func (b *bucket) claim() *entry {
 	b.mu.Lock()

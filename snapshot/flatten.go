@@ -93,7 +93,7 @@ func (s *Store) Flatten(ctx context.Context, vmID, id, newID, dir string, merger
 	m.KernelSHA256, m.RootfsSHA256 = last.KernelSHA256, last.RootfsSHA256
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return m, writeJSONAtomic(s.manifestPath(vmID, newID), &m)
+	return m, writeManifest(s.manifestPath(vmID, newID), &m)
 }
 
 // Policy is a retention policy for [Store.GC].

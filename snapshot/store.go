@@ -27,6 +27,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/embervm/ember/internal/fsutil"
 	"io"
 	"os"
 	"path/filepath"
@@ -236,7 +237,7 @@ func (s *Store) Record(ctx context.Context, info vm.SnapshotInfo, vmmVersion str
 	if _, err := os.Stat(s.manifestPath(m.VMID, m.ID)); err == nil {
 		return Manifest{}, fmt.Errorf("record snapshot %s/%s: %w", m.VMID, m.ID, vm.ErrSnapshotExists)
 	}
-	if err := writeJSONAtomic(s.manifestPath(m.VMID, m.ID), &m); err != nil {
+	if err := writeManifest(s.manifestPath(m.VMID, m.ID), &m); err != nil {
 		return Manifest{}, fmt.Errorf("record snapshot %s/%s: %w", m.VMID, m.ID, err)
 	}
 	return m, nil
@@ -404,40 +405,11 @@ func (c *ctxReader) Read(p []byte) (int, error) {
 	return c.r.Read(p)
 }
 
-// writeJSONAtomic writes v to path through a temporary file, fsyncs it,
-// renames it into place and fsyncs the directory.
-func writeJSONAtomic(path string, v any) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+// writeManifest writes a manifest crash-safely, creating its VM's
+// directory when needed.
+func writeManifest(path string, m *Manifest) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	data, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(dir, ".tmp-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return fsutil.WriteJSONAtomic(path, m, 0o644)
 }

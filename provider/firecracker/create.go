@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/embervm/ember/internal/cleanup"
 	"io"
 	"os"
 	"path/filepath"
@@ -64,7 +65,7 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	}
 	defer p.unreserve(cfg.ID)
 
-	var rb rollback
+	var rb cleanup.Stack
 	m, err := p.startVMM(ctx, cfg, &rb)
 	if err == nil {
 		if cfg.IsRestore() {
@@ -74,12 +75,12 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 		}
 	}
 	if err != nil {
-		if rbErr := rb.run(); rbErr != nil {
+		if rbErr := rb.Run(); rbErr != nil {
 			p.log.Warn("cleanup after failed create", "vm", cfg.ID, "err", rbErr)
 		}
 		return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
 	}
-	rb.release()
+	rb.Release()
 
 	p.mu.Lock()
 	p.vms[cfg.ID] = m
@@ -133,12 +134,12 @@ func (p *Provider) machineConfig(cfg vm.Config) fcapi.MachineConfig {
 // startVMM creates the run directory and log files, spawns Firecracker
 // (directly or through the jailer), waits for its API socket and reads its
 // version. Every step registers its undo on rb.
-func (p *Provider) startVMM(ctx context.Context, cfg vm.Config, rb *rollback) (*machine, error) {
+func (p *Provider) startVMM(ctx context.Context, cfg vm.Config, rb *cleanup.Stack) (*machine, error) {
 	runDir, err := p.newRunDir()
 	if err != nil {
 		return nil, fmt.Errorf("create run directory: %w", err)
 	}
-	rb.add(func(context.Context) error { return os.RemoveAll(runDir) })
+	rb.Add(func(context.Context) error { return os.RemoveAll(runDir) })
 
 	m := &machine{
 		id: cfg.ID, cfg: cfg, runDir: runDir, createdAt: time.Now(),
@@ -175,7 +176,7 @@ func (p *Provider) startVMM(ctx context.Context, cfg vm.Config, rb *rollback) (*
 			consoleLog.Close()
 			return nil, err
 		}
-		rb.add(func(context.Context) error { return j.teardown() })
+		rb.Add(func(context.Context) error { return j.teardown() })
 		m.jail = j
 		opts, apiSock, metricsPath, err = j.spawnOptions(opts)
 		if err != nil {
@@ -190,7 +191,7 @@ func (p *Provider) startVMM(ctx context.Context, cfg vm.Config, rb *rollback) (*
 		return nil, fmt.Errorf("start %s: %w", opts.path, err)
 	}
 	m.proc = proc
-	rb.add(func(context.Context) error {
+	rb.Add(func(context.Context) error {
 		proc.kill()
 		consoleLog.Close()
 		return nil
@@ -209,7 +210,7 @@ func (p *Provider) startVMM(ctx context.Context, cfg vm.Config, rb *rollback) (*
 		return nil, err
 	}
 	m.client = fcapi.New(apiSock)
-	rb.add(func(context.Context) error { m.client.Close(); return nil })
+	rb.Add(func(context.Context) error { m.client.Close(); return nil })
 	m.metrics = newMetricsReader(metricsPath)
 
 	v, err := p.learnVersion(ctx, m.client)

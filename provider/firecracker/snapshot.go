@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/embervm/ember/internal/cleanup"
+	"github.com/embervm/ember/internal/fsutil"
 	"os"
 	"path/filepath"
 	"slices"
@@ -205,7 +207,7 @@ func (p *Provider) Snapshot(ctx context.Context, id string, opts vm.SnapshotOpti
 		meta.ParentVMID = parent.VMID
 		info.Parent = parent.SnapshotID
 	}
-	if err := writeJSONAtomic(filepath.Join(dir, snapMetaName), meta); err != nil {
+	if err := fsutil.WriteJSONAtomic(filepath.Join(dir, snapMetaName), meta, 0o600); err != nil {
 		return vm.SnapshotInfo{}, fmt.Errorf("snapshot vm %q: %w", id, err)
 	}
 	ok = true
@@ -215,35 +217,6 @@ func (p *Provider) Snapshot(ctx context.Context, id string, opts vm.SnapshotOpti
 	m.mu.Unlock()
 	p.log.Info("snapshot created", "vm", id, "snapshot", opts.ID, "type", string(opts.Type))
 	return info, nil
-}
-
-// writeJSONAtomic writes v to path through a temporary file and a rename.
-func writeJSONAtomic(path string, v any) error {
-	data, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	f.Close()
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return nil
 }
 
 // ListSnapshots returns the snapshots of VM vmID, or of every VM when vmID
@@ -393,7 +366,7 @@ func (p *Provider) checkRestore(v fcapi.Version, cfg vm.Config, snap *snapshotMe
 
 // restore loads snap into the fresh process of m. A failed load ends the
 // Firecracker process; the caller's rollback then removes everything.
-func (p *Provider) restore(ctx context.Context, m *machine, cfg vm.Config, snap *snapshotMeta, rb *rollback) error {
+func (p *Provider) restore(ctx context.Context, m *machine, cfg vm.Config, snap *snapshotMeta, rb *cleanup.Stack) error {
 	if err := p.checkRestore(m.version, cfg, snap); err != nil {
 		return err
 	}
@@ -489,7 +462,7 @@ func (p *Provider) restore(ctx context.Context, m *machine, cfg vm.Config, snap 
 			return fmt.Errorf("restore %s/%s: %w", ref.VMID, ref.SnapshotID, err)
 		}
 		m.uffd = h
-		rb.add(func(context.Context) error { return h.Close() })
+		rb.Add(func(context.Context) error { return h.Close() })
 	} else {
 		opts.MemFilePath = memPath
 	}

@@ -404,10 +404,13 @@ func (p *Provider) finishRestore(ctx context.Context, inst *instance, ref *vm.Sn
 			Status string `json:"status"`
 		}
 		if err := mon.run(ctx, "query-status", nil, &status); err != nil {
+			// A QEMU that fails to load the stream exits, which breaks
+			// the QMP connection a moment before the process wait
+			// reports the exit: give the exit time to arrive.
 			select {
 			case <-inst.exited:
 				return p.loadFailure(inst, ref)
-			default:
+			case <-time.After(5 * time.Second):
 				return err
 			}
 		}
