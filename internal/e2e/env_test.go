@@ -254,6 +254,36 @@ func (e *env) attach(t *testing.T, id, net string) *guest {
 	return &guest{id: id, att: att}
 }
 
+// restore leases a network identity for VM id and restores it, running,
+// from snapshot snapID of VM srcID, with the snapshot's interface pointed
+// at the new TAP.
+func (e *env) restore(t *testing.T, id, net, srcID, snapID string) *guest {
+	t.Helper()
+	att, err := e.mgr.Attach(context.Background(), id, net, network.AttachOptions{})
+	if err != nil {
+		t.Fatalf("attach %s to %s: %v", id, net, err)
+	}
+	ns := e.host
+	if att.NetNSPath != "" {
+		ns = att.NetNSPath
+	}
+	spec := vm.Spec{
+		NetNS: &ns,
+		RestoreFrom: &vm.SnapshotRef{
+			VMID: srcID, SnapshotID: snapID, ResumeImmediately: true,
+			NetworkOverrides: []vm.NetworkOverride{att.NetworkOverride("eth0")},
+		},
+	}
+	cfg, err := vm.Resolve(id, e.defaults, spec)
+	if err != nil {
+		t.Fatalf("resolve vm %s: %v", id, err)
+	}
+	if _, err := e.prov.Create(context.Background(), cfg); err != nil {
+		t.Fatalf("restore vm %s from %s/%s: %v", id, srcID, snapID, err)
+	}
+	return &guest{id: id, att: att}
+}
+
 // startAll starts the guests and waits for their agents, all at once so
 // that the boots overlap.
 func (e *env) startAll(t *testing.T, guests ...*guest) {

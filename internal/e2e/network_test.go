@@ -4,8 +4,10 @@ import (
 	"reflect"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/embervm/ember/network/networktest"
+	"github.com/embervm/ember/vm"
 )
 
 // TestNetworkRealGuests runs two guests in bridge mode and two in slot
@@ -118,4 +120,73 @@ func TestNetworkRealGuests(t *testing.T) {
 		t.Errorf("host links after detach = %v, want no TAP or slot veth of a guest", got)
 	}
 	// newEnv's cleanup runs Teardown and checks that nothing is left.
+}
+
+// TestNetworkSlotClones restores two clones of one snapshot into two
+// slots. The clones keep the source's MAC and address, which slot mode
+// allows because every slot is its own link layer, and both reach the
+// allowed server while the denied server and each other stay blocked.
+func TestNetworkSlotClones(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+
+	src := e.attach(t, "src", "sl")
+	e.startAll(t, src)
+	if err := e.prov.Pause(ctx, src.id); err != nil {
+		t.Fatalf("pause vm src: %v", err)
+	}
+	if _, err := e.prov.Snapshot(ctx, src.id, vm.SnapshotOptions{ID: "base"}); err != nil {
+		t.Fatalf("snapshot vm src: %v", err)
+	}
+	src.client.Close()
+	if err := e.prov.Destroy(ctx, src.id); err != nil {
+		t.Fatalf("destroy vm src: %v", err)
+	}
+	if err := e.mgr.Detach(ctx, src.id); err != nil {
+		t.Fatalf("detach vm src: %v", err)
+	}
+
+	c1 := e.restore(t, "c1", "sl", src.id, "base")
+	c2 := e.restore(t, "c2", "sl", src.id, "base")
+	e.dialAll(t, c1, c2)
+	for _, c := range []*guest{c1, c2} {
+		info, err := e.prov.Get(ctx, c.id)
+		if err != nil {
+			t.Fatalf("get vm %s: %v", c.id, err)
+		}
+		if info.Config.NetNS != c.att.NetNSPath {
+			t.Errorf("vm %s runs in netns %q, want its slot %q", c.id, info.Config.NetNS, c.att.NetNSPath)
+		}
+		if nics := info.Config.NetworkInterfaces; len(nics) != 1 || nics[0].GuestMAC != src.att.Lease.MAC {
+			t.Errorf("vm %s nics = %+v, want the source's MAC %s", c.id, nics, src.att.Lease.MAC)
+		}
+	}
+	if c1.att.NetNSPath == c2.att.NetNSPath {
+		t.Fatalf("both clones are in slot %s", c1.att.NetNSPath)
+	}
+	serveInGuest(t, c2)
+
+	allowed := "hello from " + allowedAddr
+	checkReach(t, []expectation{
+		{g: c1, addr: allowedAddr, reach: true, answer: allowed},
+		{g: c1, addr: deniedAddr},
+		{g: c1, addr: c2.att.Lease.SlotAddr.String() + ":" + guestPort},
+		{g: c2, addr: allowedAddr, reach: true, answer: allowed},
+		{g: c2, addr: deniedAddr},
+	})
+	// The host reaches each clone at its slot's own address, which shows
+	// that the two clones with one address are told apart.
+	line, err := networktest.Dial(e.host, c2.att.Lease.SlotAddr.String()+":"+guestPort, 10*time.Second)
+	if err != nil || line != "hello from c2" {
+		t.Errorf("host -> c2 at %s: %q, %v; want hello from c2", c2.att.Lease.SlotAddr, line, err)
+	}
+
+	for _, c := range []*guest{c1, c2} {
+		if err := e.prov.Destroy(ctx, c.id); err != nil {
+			t.Errorf("destroy vm %s: %v", c.id, err)
+		}
+		if err := e.mgr.Detach(ctx, c.id); err != nil {
+			t.Errorf("detach vm %s: %v", c.id, err)
+		}
+	}
 }
