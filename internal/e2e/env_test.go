@@ -359,8 +359,8 @@ type expectation struct {
 	g     *guest
 	addr  string
 	reach bool
-	// answer is the line the server sends, for reachable destinations.
-	answer string
+	// reply is the line the server sends, for reachable destinations.
+	reply string
 }
 
 // checkReach runs every expectation at once, because each blocked one
@@ -379,8 +379,8 @@ func checkReach(t *testing.T, exps []expectation) {
 		switch {
 		case errs[i] != nil:
 			t.Errorf("%s -> %s: %v", x.g.id, x.addr, errs[i])
-		case x.reach && (r.exitCode != 0 || r.stdout != x.answer):
-			t.Errorf("%s -> %s: exit %d, output %q, stderr %q; want the answer %q", x.g.id, x.addr, r.exitCode, r.stdout, r.stderr, x.answer)
+		case x.reach && (r.exitCode != 0 || r.stdout != x.reply):
+			t.Errorf("%s -> %s: exit %d, output %q, stderr %q; want the reply %q", x.g.id, x.addr, r.exitCode, r.stdout, r.stderr, x.reply)
 		case !x.reach && (r.exitCode == 0 || r.stdout != "" || !strings.Contains(r.stderr, "timed out")):
 			// A refused connection would mean the packets got through.
 			t.Errorf("%s -> %s: exit %d, output %q, stderr %q; want a connect timeout", x.g.id, x.addr, r.exitCode, r.stdout, r.stderr)
@@ -389,8 +389,8 @@ func checkReach(t *testing.T, exps []expectation) {
 }
 
 // serveInGuest runs a busybox nc server on guestPort in guest g that
-// answers every connection with "hello from <vm id>", until the VM is
-// destroyed. It checks that the server answers inside the guest.
+// sends "hello from <vm id>" on every connection, until the VM is
+// destroyed. It checks that the server replies inside the guest.
 func serveInGuest(t *testing.T, g *guest) {
 	t.Helper()
 	done := make(chan struct{})
@@ -414,7 +414,7 @@ func serveInGuest(t *testing.T, g *guest) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("server in vm %s does not answer on 127.0.0.1:%s: %+v, %v", g.id, guestPort, r, err)
+			t.Fatalf("server in vm %s does not reply on 127.0.0.1:%s: %+v, %v", g.id, guestPort, r, err)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

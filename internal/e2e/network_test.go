@@ -37,21 +37,21 @@ func TestNetworkRealGuests(t *testing.T) {
 	s2Addr := s2.att.Lease.SlotAddr.String() + ":" + guestPort
 	allowed := "hello from " + allowedAddr
 	checkReach(t, []expectation{
-		{g: b1, addr: allowedAddr, reach: true, answer: allowed},
+		{g: b1, addr: allowedAddr, reach: true, reply: allowed},
 		{g: b1, addr: deniedAddr},
 		{g: b1, addr: b2Addr},
 		{g: b1, addr: s2Addr},
 		{g: b1, addr: hostAddr},
 		{g: b1, addr: bridgeGatewayAddr},
-		{g: b2, addr: allowedAddr, reach: true, answer: allowed},
+		{g: b2, addr: allowedAddr, reach: true, reply: allowed},
 		{g: b2, addr: deniedAddr},
-		{g: s1, addr: allowedAddr, reach: true, answer: allowed},
+		{g: s1, addr: allowedAddr, reach: true, reply: allowed},
 		{g: s1, addr: deniedAddr},
 		{g: s1, addr: s2Addr},
 		{g: s1, addr: b2Addr},
 		{g: s1, addr: hostAddr},
 		{g: s1, addr: bridgeGatewayAddr},
-		{g: s2, addr: allowedAddr, reach: true, answer: allowed},
+		{g: s2, addr: allowedAddr, reach: true, reply: allowed},
 		{g: s2, addr: deniedAddr},
 	})
 
@@ -92,14 +92,14 @@ func TestNetworkRealGuests(t *testing.T) {
 	serveInGuest(t, b2)
 	serveInGuest(t, s2)
 	checkReach(t, []expectation{
-		{g: b1, addr: allowedAddr, reach: true, answer: allowed},
+		{g: b1, addr: allowedAddr, reach: true, reply: allowed},
 		{g: b1, addr: deniedAddr},
 		{g: b1, addr: b2Addr},
-		{g: b2, addr: allowedAddr, reach: true, answer: allowed},
-		{g: s1, addr: allowedAddr, reach: true, answer: allowed},
+		{g: b2, addr: allowedAddr, reach: true, reply: allowed},
+		{g: s1, addr: allowedAddr, reach: true, reply: allowed},
 		{g: s1, addr: deniedAddr},
 		{g: s1, addr: s2Addr},
-		{g: s2, addr: allowedAddr, reach: true, answer: allowed},
+		{g: s2, addr: allowedAddr, reach: true, reply: allowed},
 	})
 
 	// Teardown as Ember does it: destroy each VM, then detach it.
@@ -168,14 +168,14 @@ func TestNetworkSlotClones(t *testing.T) {
 
 	allowed := "hello from " + allowedAddr
 	checkReach(t, []expectation{
-		{g: c1, addr: allowedAddr, reach: true, answer: allowed},
+		{g: c1, addr: allowedAddr, reach: true, reply: allowed},
 		{g: c1, addr: deniedAddr},
 		{g: c1, addr: c2.att.Lease.SlotAddr.String() + ":" + guestPort},
-		{g: c2, addr: allowedAddr, reach: true, answer: allowed},
+		{g: c2, addr: allowedAddr, reach: true, reply: allowed},
 		{g: c2, addr: deniedAddr},
 	})
-	// The host reaches each clone at its slot's own address, which shows
-	// that the two clones with one address are told apart.
+	// The host reaches a clone at its slot's own address, so the two
+	// clones that share one guest address are distinguished.
 	line, err := networktest.Dial(e.host, c2.att.Lease.SlotAddr.String()+":"+guestPort, 10*time.Second)
 	if err != nil || line != "hello from c2" {
 		t.Errorf("host -> c2 at %s: %q, %v; want hello from c2", c2.att.Lease.SlotAddr, line, err)
