@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/embervm/ember/internal/cleanup"
 	"net"
 	"os"
 	"path/filepath"
@@ -49,10 +50,10 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 }
 
 func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, err error) {
-	var rb rollback
+	var rb cleanup.Stack
 	defer func() {
 		if err != nil {
-			err = errors.Join(err, rb.run())
+			err = errors.Join(err, rb.Run())
 		}
 	}()
 
@@ -101,7 +102,7 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 		return nil, err
 	}
 	started := inst // inst, the named result, is nil when the rollback runs
-	rb.add(func() error {
+	rb.AddFunc(func() error {
 		started.mu.Lock()
 		started.stopping = true
 		started.mu.Unlock()
@@ -147,7 +148,7 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 // prepare checks cfg against the host, creates the run directory dir and
 // returns the machine to start, the accelerator and, for a restore, the
 // opened snapshot state file. Undo steps go on rb.
-func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *rollback) (machine, *os.File, Accel, error) {
+func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *cleanup.Stack) (machine, *os.File, Accel, error) {
 	if cfg.IsRestore() {
 		meta, err := p.readSnapshot(cfg.RestoreFrom.VMID, cfg.RestoreFrom.SnapshotID)
 		if err != nil {
@@ -160,7 +161,7 @@ func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *
 		if err := makeRunDir(dir); err != nil {
 			return machine{}, nil, "", err
 		}
-		rb.add(func() error { return os.RemoveAll(dir) })
+		rb.AddFunc(func() error { return os.RemoveAll(dir) })
 		m, incoming, err := p.prepareRestore(cfg, meta, dir)
 		if err != nil {
 			return machine{}, nil, "", err
@@ -178,7 +179,7 @@ func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *
 	if err := makeRunDir(dir); err != nil {
 		return machine{}, nil, "", err
 	}
-	rb.add(func() error { return os.RemoveAll(dir) })
+	rb.AddFunc(func() error { return os.RemoveAll(dir) })
 	accel := p.acceleratorFor(ctx, m.Kernel)
 	if accel == AccelTCG {
 		m.BootArgs = withTSCHint(m.BootArgs, p.tscKHz)
