@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/embervm/ember/internal/cleanup"
 	"slices"
 
 	"github.com/embervm/ember/vm"
@@ -76,12 +77,12 @@ func (m *Manager) Handoff(ctx context.Context, fromID, toID, netName string, o A
 		return Attachment{}, fmt.Errorf("hand off vm %s to %s: %w", fromID, toID, err)
 	}
 
-	var rb rollback
-	rb.add(func() error {
+	var rb cleanup.Stack
+	rb.AddFunc(func() error {
 		return m.store.Update(func([]Lease) ([]Lease, []string, error) { return []Lease{from}, []string{toID}, nil })
 	})
 	if err := m.moveTAP(&rb, from, to, n); err != nil {
-		return Attachment{}, fmt.Errorf("hand off vm %s to %s: %w", fromID, toID, errors.Join(err, rb.run()))
+		return Attachment{}, fmt.Errorf("hand off vm %s to %s: %w", fromID, toID, errors.Join(err, rb.Run()))
 	}
 
 	// The tenant is live; what is left is cleanup of the pool identity.
@@ -98,14 +99,14 @@ func (m *Manager) Handoff(ctx context.Context, fromID, toID, netName string, o A
 
 // moveTAP re-parents from's TAP to to's bridge or slot and installs to's
 // rules, adding undo steps to rb.
-func (m *Manager) moveTAP(rb *rollback, from, to Lease, n Network) error {
+func (m *Manager) moveTAP(rb *cleanup.Stack, from, to Lease, n Network) error {
 	if n.Mode == ModeBridge {
 		if from.Network != to.Network {
 			oldBridge := m.networks[from.Network].Bridge
 			if err := m.kernel.SetMaster(to.TAP, n.Bridge); err != nil {
 				return err
 			}
-			rb.add(func() error { return m.kernel.SetMaster(from.TAP, oldBridge) })
+			rb.AddFunc(func() error { return m.kernel.SetMaster(from.TAP, oldBridge) })
 		}
 		return m.installRules(rb, to, n)
 	}
@@ -117,7 +118,7 @@ func (m *Manager) moveTAP(rb *rollback, from, to Lease, n Network) error {
 	if err := m.kernel.MoveLink(oldNS, from.TAP, newNS); err != nil {
 		return err
 	}
-	rb.add(func() error {
+	rb.AddFunc(func() error {
 		if err := m.kernel.MoveLink(newNS, to.TAP, oldNS); err != nil {
 			return err
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/embervm/ember/internal/cleanup"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -294,10 +295,10 @@ func (m *Manager) Attach(ctx context.Context, vmID, netName string, o AttachOpti
 		return Attachment{}, fmt.Errorf("attach vm %s: %w", vmID, err)
 	}
 
-	var rb rollback
-	rb.add(func() error { return m.store.Delete(vmID) })
+	var rb cleanup.Stack
+	rb.AddFunc(func() error { return m.store.Delete(vmID) })
 	if err := m.build(&rb, l, n, true); err != nil {
-		return Attachment{}, fmt.Errorf("attach vm %s: %w", vmID, errors.Join(err, rb.run()))
+		return Attachment{}, fmt.Errorf("attach vm %s: %w", vmID, errors.Join(err, rb.Run()))
 	}
 	m.log.Info("attached vm", "vm", vmID, "network", n.Name, "tap", l.TAP, "address", l.Address, "mac", l.MAC)
 	return m.attachment(l, n), nil
@@ -372,13 +373,13 @@ func pickName(prefix, vmID string, leases []Lease, hostLinks []Link) (string, er
 
 // build creates the kernel state of lease l: its TAP (when createTAP) and
 // slot, and its egress rules. Each step adds its undo to rb.
-func (m *Manager) build(rb *rollback, l Lease, n Network, createTAP bool) error {
+func (m *Manager) build(rb *cleanup.Stack, l Lease, n Network, createTAP bool) error {
 	if n.Mode == ModeBridge {
 		if createTAP {
 			if err := m.kernel.CreateTAP("", m.tapSpec(l.TAP, l.VMID, n)); err != nil {
 				return err
 			}
-			rb.add(func() error { return m.kernel.DeleteLink("", l.TAP) })
+			rb.AddFunc(func() error { return m.kernel.DeleteLink("", l.TAP) })
 		}
 		if err := m.kernel.SetMaster(l.TAP, n.Bridge); err != nil {
 			return err
@@ -408,19 +409,19 @@ func (m *Manager) tapSpec(name, vmID string, n Network) TAPSpec {
 
 // buildSlot creates the slot namespace of l, its veth pair, routes, NAT and
 // forwarding.
-func (m *Manager) buildSlot(rb *rollback, l Lease, n Network) error {
+func (m *Manager) buildSlot(rb *cleanup.Stack, l Lease, n Network) error {
 	path, err := m.kernel.CreateNS(l.NetNS)
 	if err != nil {
 		return err
 	}
-	rb.add(func() error { return m.kernel.DeleteNS(l.NetNS) })
+	rb.AddFunc(func() error { return m.kernel.DeleteNS(l.NetNS) })
 	steps := []func() error{
 		func() error { return m.kernel.SetUp(path, "lo") },
 		func() error {
 			if err := m.kernel.CreateVeth(l.HostVeth, aliasPrefix+l.VMID, n.MTU, path, slotVethName); err != nil {
 				return err
 			}
-			rb.add(func() error { return m.kernel.DeleteLink("", l.HostVeth) })
+			rb.AddFunc(func() error { return m.kernel.DeleteLink("", l.HostVeth) })
 			return nil
 		},
 		func() error { return m.kernel.ReplaceAddr("", l.HostVeth, l.HostAddr) },
@@ -452,7 +453,7 @@ func (m *Manager) configureSlotTAP(l Lease, n Network) error {
 	return m.kernel.SetUp(path, l.TAP)
 }
 
-func (m *Manager) installRules(rb *rollback, l Lease, n Network) error {
+func (m *Manager) installRules(rb *cleanup.Stack, l Lease, n Network) error {
 	p, err := m.policy(l, n)
 	if err != nil {
 		return err
@@ -460,7 +461,7 @@ func (m *Manager) installRules(rb *rollback, l Lease, n Network) error {
 	if err := m.fw.InstallVM(p); err != nil {
 		return err
 	}
-	rb.add(func() error { return m.fw.RemoveVM(l.VMID) })
+	rb.AddFunc(func() error { return m.fw.RemoveVM(l.VMID) })
 	return nil
 }
 
@@ -488,13 +489,20 @@ func (m *Manager) policy(l Lease, n Network) (nft.VMPolicy, error) {
 	if err != nil {
 		return p, err
 	}
+	// An address inside a range already protected, such as a bridge's
+	// gateway or a slot's host-side veth address, gets no rule of its
+	// own. Otherwise a VM's rules would depend on how many slots existed
+	// when it attached, and Reconcile would rewrite them after a restart.
 	for _, a := range addrs {
-		if !a.Addr().IsLoopback() {
-			p.Protected = append(p.Protected, netip.PrefixFrom(a.Addr(), 32))
+		addr := a.Addr()
+		covered := slices.ContainsFunc(p.Protected, func(r netip.Prefix) bool { return r.Contains(addr) })
+		if !addr.IsLoopback() && !covered {
+			p.Protected = append(p.Protected, netip.PrefixFrom(addr, 32))
 		}
 	}
-	// NOTE: host addresses added after this call are not protected until
-	// the VM's rules are installed again (Reconcile does that).
+	// NOTE: host addresses outside Ember's networks that are added after
+	// this call are not protected until the VM's rules are installed
+	// again (Reconcile does that).
 	return p, nil
 }
 
@@ -540,24 +548,5 @@ func (m *Manager) destroy(l Lease) error {
 	} else {
 		errs = append(errs, m.kernel.DeleteLink("", l.HostVeth), m.kernel.DeleteNS(l.NetNS))
 	}
-	return errors.Join(errs...)
-}
-
-// rollback is a stack of undo steps run in reverse order.
-type rollback struct {
-	steps []func() error
-}
-
-func (r *rollback) add(f func() error) { r.steps = append(r.steps, f) }
-
-// run undoes every step, last first, and returns their errors joined.
-func (r *rollback) run() error {
-	var errs []error
-	for i := len(r.steps) - 1; i >= 0; i-- {
-		if err := r.steps[i](); err != nil {
-			errs = append(errs, fmt.Errorf("rollback: %w", err))
-		}
-	}
-	r.steps = nil
 	return errors.Join(errs...)
 }

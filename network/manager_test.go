@@ -683,3 +683,56 @@ func TestAttachGivenMAC(t *testing.T) {
 		t.Error("multicast MAC accepted")
 	}
 }
+
+// TestPolicyProtectedStable checks that a VM's protected list names each
+// host address outside Ember's networks once and does not grow when later
+// slots add host-side addresses, so that Reconcile after a restart
+// installs the same rules.
+func TestPolicyProtectedStable(t *testing.T) {
+	e := newFakeEnv(t)
+	ctx := context.Background()
+	uplinkAddr := netip.MustParsePrefix("10.60.0.1/24")
+	if err := e.kernel.ReplaceAddr("", "up0", uplinkAddr); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.Attach(ctx, "b1", "br", network.AttachOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	before, ok := e.fw.Policy("b1")
+	if !ok {
+		t.Fatal("no policy installed for b1")
+	}
+	for _, id := range []string{"s1", "s2"} {
+		if _, err := e.mgr.Attach(ctx, id, "sl", network.AttachOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	e.store.Close()
+	e.open(t)
+	if _, err := e.mgr.Reconcile(ctx); err != nil {
+		t.Fatalf("Reconcile: %v", err)
+	}
+	after, _ := e.fw.Policy("b1")
+	if !slices.Equal(after.Protected, before.Protected) {
+		t.Errorf("protected after slots and Reconcile = %v, want %v", after.Protected, before.Protected)
+	}
+	uplinkHost := netip.PrefixFrom(uplinkAddr.Addr(), 32)
+	if n := countPrefix(after.Protected, uplinkHost); n != 1 {
+		t.Errorf("protected lists the uplink address %s %d times, want once: %v", uplinkHost, n, after.Protected)
+	}
+	s1, _ := e.mgr.Lease("s1")
+	if n := countPrefix(after.Protected, netip.PrefixFrom(s1.HostAddr.Addr(), 32)); n != 0 {
+		t.Errorf("protected lists the slot's host address %s, which its network's range covers: %v", s1.HostAddr, after.Protected)
+	}
+}
+
+func countPrefix(list []netip.Prefix, p netip.Prefix) int {
+	n := 0
+	for _, q := range list {
+		if q == p {
+			n++
+		}
+	}
+	return n
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/embervm/ember/internal/cleanup"
 	"slices"
 	"strings"
 )
@@ -139,7 +140,7 @@ func (m *Manager) removeOrphanNamespaces(rep *ReconcileReport, leases []Lease) [
 // ensureLease checks the kernel state of l, rebuilds what is missing and
 // reinstalls its rules. It reports whether a device had to be rebuilt.
 func (m *Manager) ensureLease(l Lease, n Network) (rebuilt bool, err error) {
-	var rb rollback // kept on success; a failed rebuild is undone
+	var rb cleanup.Stack // kept on success; a failed rebuild is undone
 	hostLinks, err := m.kernel.Links("")
 	if err != nil {
 		return false, err
@@ -151,7 +152,7 @@ func (m *Manager) ensureLease(l Lease, n Network) (rebuilt bool, err error) {
 	if l.Mode == ModeBridge {
 		createTAP := !hasHost(l.TAP)
 		if err := m.build(&rb, l, n, createTAP); err != nil {
-			return false, errors.Join(err, rb.run())
+			return false, errors.Join(err, rb.Run())
 		}
 		return createTAP, nil
 	}
@@ -168,7 +169,7 @@ func (m *Manager) ensureLease(l Lease, n Network) (rebuilt bool, err error) {
 		return false, err
 	}
 	if err := m.build(&rb, l, n, true); err != nil {
-		return false, errors.Join(err, rb.run())
+		return false, errors.Join(err, rb.Run())
 	}
 	return true, nil
 }

@@ -48,7 +48,7 @@ func (g AgentGuest) connect(ctx context.Context, id string) (*agent.Client, erro
 }
 
 // Health connects to the agent in VM id, retrying while the guest boots,
-// and asks for its health.
+// and requests its health.
 func (g AgentGuest) Health(ctx context.Context, id string) error {
 	c, err := g.connect(ctx, id)
 	if err != nil {

@@ -10,7 +10,7 @@
 // the guest (clock, addresses, hostname, environment) and checks its
 // health. An entry that fails any step is destroyed and the next
 // one is tried. When the bucket is empty, Acquire restores on demand or cold
-// boots, as the bucket allows, and the [Result] says which path served it.
+// boots, as the bucket allows, and the [Result] records which path served it.
 //
 // Every bucket has its own refiller goroutine, so a slow or failing bucket
 // never delays another. Entries older than MaxAge are evicted. Registering a
@@ -50,7 +50,7 @@ var (
 	ErrClosed    = errors.New("pool closed")
 )
 
-// Path says how an Acquire was served.
+// Path is the way an Acquire was served.
 type Path string
 
 const (
@@ -182,7 +182,7 @@ type Network interface {
 	Detach(ctx context.Context, id string) error
 }
 
-// Personalization is what Acquire applies inside a tenant's guest.
+// Personalization is the tenant identity Acquire applies inside a guest.
 type Personalization struct {
 	Hostname string
 	Env      map[string]string
@@ -193,7 +193,7 @@ type Personalization struct {
 
 // Guest talks to the agent inside a VM.
 type Guest interface {
-	// Health returns nil when the agent in VM id answers.
+	// Health returns nil when the agent in VM id replies to a health request.
 	Health(ctx context.Context, id string) error
 	// Personalize applies p inside VM id.
 	Personalize(ctx context.Context, id string, p Personalization) error

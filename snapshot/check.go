@@ -10,7 +10,7 @@ import (
 	"github.com/embervm/ember/vm"
 )
 
-// Target is what a restore will run on and expects.
+// Target is the backend a restore will run on and the shape it expects.
 type Target struct {
 	Backend    string
 	VMMVersion string

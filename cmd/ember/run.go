@@ -231,7 +231,7 @@ func (d *demoRun) restoreClone(ctx context.Context, dialer vm.AgentDialer, id st
 	}
 	lines := strings.SplitN(strings.TrimSpace(out), "\n", 2)
 	if len(lines) != 2 || lines[0] != id {
-		return cloneReport{}, 0, fmt.Errorf("vm %s answered %q, want its own hostname and the workload's file", id, out)
+		return cloneReport{}, 0, fmt.Errorf("vm %s returned %q, expected its own hostname and the workload's file", id, out)
 	}
 	return cloneReport{ID: id, Hostname: lines[0], State: lines[1]}, elapsed, nil
 }

@@ -346,8 +346,8 @@ func (a *app) vmRestoreCommand(f *vmFlags) *cobra.Command {
 	return cmd
 }
 
-// checkRestore verifies, when the store knows the snapshot, that the
-// running backend can load it and its files are intact.
+// checkRestore verifies, when the store has a manifest for the snapshot,
+// that the running backend can load it and its files are intact.
 func (a *app) checkRestore(ctx context.Context, p vm.Provider, vmID, id string) error {
 	target := snapshot.Target{Backend: p.Backend()}
 	if v, ok := p.(vm.VersionReporter); ok {

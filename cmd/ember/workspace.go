@@ -98,7 +98,8 @@ func bundleDefaults(cfg *config.Config, dir string, m *image.Manifest) vm.Defaul
 	return d
 }
 
-// defaultBundleDir is where `ember image build` puts the default bundle.
+// defaultBundleDir returns where `ember image build` puts the default
+// bundle.
 func defaultBundleDir(cfg *config.Config) string {
 	return filepath.Join(cfg.StateDir, "images", "default")
 }

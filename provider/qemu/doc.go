@@ -42,8 +42,13 @@
 //     throttleOptions documents the mapping.
 //   - NICs are tap netdevs with the given TAP name and a virtio-net-device
 //     with the given MAC, or one derived from the VM and interface ids.
-//     QEMU opens the TAP in the network namespace of [Options.NetNS]. NIC
-//     rate limiters are rejected with [vm.UnsupportedError].
+//     QEMU runs, and opens its TAPs, in the network namespace named by the
+//     VM's [vm.Config].NetNS, or by [Options.NetNS] when the VM names none.
+//     Create rejects a path that is not a network namespace with a
+//     [vm.ValidationError] on field "netns" before it starts anything.
+//     A restore runs in the namespace of the restore's configuration, not
+//     that of the snapshot's source. NIC rate limiters are rejected with
+//     [vm.UnsupportedError].
 //   - The agent channel is the virtio-serial port named [AgentPortName],
 //     whose host side is agent.sock with QEMU as the server. DialAgent
 //     connects to it; QEMU serves one connection at a time.

@@ -249,11 +249,19 @@ func ask(ctx context.Context, p *Provider, id, req string) (string, error) {
 	if _, err := conn.Write([]byte(req + "\n")); err != nil {
 		return "", err
 	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil {
-		return "", err
+	// A virtio-serial port keeps bytes across host reconnects, so the reply
+	// to a ping that pollAgent gave up on can arrive on this connection
+	// first. Only pings are retried that way, so skip stale pongs.
+	r := bufio.NewReader(conn)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return "", err
+		}
+		if reply := strings.TrimSpace(line); reply != "pong" || req == "ping" {
+			return reply, nil
+		}
 	}
-	return strings.TrimSpace(line), nil
 }
 
 // waitAgent waits until the guest replies to a ping on the agent port.

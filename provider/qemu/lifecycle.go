@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/embervm/ember/internal/cleanup"
 	"net"
 	"os"
 	"path/filepath"
@@ -25,6 +26,11 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 	if err := cfg.Validate(); err != nil {
 		return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
 	}
+	if netns := p.netnsOf(&cfg); netns != "" {
+		if err := checkNetNS(netns); err != nil {
+			return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
+		}
+	}
 	if err := p.reserve(cfg.ID); err != nil {
 		return vm.Info{}, fmt.Errorf("create vm %q: %w", cfg.ID, err)
 	}
@@ -44,10 +50,10 @@ func (p *Provider) Create(ctx context.Context, cfg vm.Config) (vm.Info, error) {
 }
 
 func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, err error) {
-	var rb rollback
+	var rb cleanup.Stack
 	defer func() {
 		if err != nil {
-			err = errors.Join(err, rb.run())
+			err = errors.Join(err, rb.Run())
 		}
 	}()
 
@@ -89,13 +95,14 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 		inst.cfg = m.config(cfg.ID)
 		inst.cfg.RestoreFrom = cfg.RestoreFrom.Clone()
 		inst.cfg.TrackDirtyPages = cfg.TrackDirtyPages
+		inst.cfg.NetNS = cfg.NetNS
 	}
 
-	if err := p.startProcess(inst, buildArgs(&m, l), extra); err != nil {
+	if err := p.startProcess(inst, p.netnsOf(cfg), buildArgs(&m, l), extra); err != nil {
 		return nil, err
 	}
 	started := inst // inst, the named result, is nil when the rollback runs
-	rb.add(func() error {
+	rb.AddFunc(func() error {
 		started.mu.Lock()
 		started.stopping = true
 		started.mu.Unlock()
@@ -141,7 +148,7 @@ func (p *Provider) create(ctx context.Context, cfg *vm.Config) (inst *instance, 
 // prepare checks cfg against the host, creates the run directory dir and
 // returns the machine to start, the accelerator and, for a restore, the
 // opened snapshot state file. Undo steps go on rb.
-func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *rollback) (machine, *os.File, Accel, error) {
+func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *cleanup.Stack) (machine, *os.File, Accel, error) {
 	if cfg.IsRestore() {
 		meta, err := p.readSnapshot(cfg.RestoreFrom.VMID, cfg.RestoreFrom.SnapshotID)
 		if err != nil {
@@ -154,7 +161,7 @@ func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *
 		if err := makeRunDir(dir); err != nil {
 			return machine{}, nil, "", err
 		}
-		rb.add(func() error { return os.RemoveAll(dir) })
+		rb.AddFunc(func() error { return os.RemoveAll(dir) })
 		m, incoming, err := p.prepareRestore(cfg, meta, dir)
 		if err != nil {
 			return machine{}, nil, "", err
@@ -172,7 +179,7 @@ func (p *Provider) prepare(ctx context.Context, cfg *vm.Config, dir string, rb *
 	if err := makeRunDir(dir); err != nil {
 		return machine{}, nil, "", err
 	}
-	rb.add(func() error { return os.RemoveAll(dir) })
+	rb.AddFunc(func() error { return os.RemoveAll(dir) })
 	accel := p.acceleratorFor(ctx, m.Kernel)
 	if accel == AccelTCG {
 		m.BootArgs = withTSCHint(m.BootArgs, p.tscKHz)

@@ -115,3 +115,106 @@ func TestNetworkTAP(t *testing.T) {
 		}
 	}
 }
+
+// TestNetworkPerVMNetNS runs VMs in a network namespace of their own that
+// differs from the provider's, on cold boot, on restore and across an
+// adoption by a new provider.
+func TestNetworkPerVMNetNS(t *testing.T) {
+	needGuest(t)
+	providerNS := testNetNS(t)
+	vmNS := testNetNS(t, "tapv0", "tapv1")
+	vmNSPath := "/run/netns/" + vmNS
+	dir, err := os.MkdirTemp("/tmp", "eq")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	ctx := t.Context()
+
+	first, err := New(ctx, Options{RunDir: dir, NetNS: "/run/netns/" + providerNS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// After Close, first has no VMs left, so this cleans up only when the
+	// test stops before the adoption.
+	t.Cleanup(func() { destroyAll(t, first) })
+	const mac = "06:00:ac:10:00:03"
+	cfg := testConfig(t, "own-ns")
+	cfg.NetNS = vmNSPath
+	cfg.NetworkInterfaces = []vm.NetworkInterface{{IfaceID: "eth0", HostDevName: "tapv0", GuestMAC: mac}}
+	info, err := first.Create(ctx, cfg)
+	if err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if info.Config.NetNS != vmNSPath {
+		t.Errorf("created config netns = %q, want %q", info.Config.NetNS, vmNSPath)
+	}
+	if err := first.Start(ctx, "own-ns"); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	waitAgent(t, first, "own-ns")
+	if got := mustAsk(t, first, "own-ns", "nics"); got != "eth0="+mac {
+		t.Errorf("guest nics = %q, want eth0=%s", got, mac)
+	}
+	if !tapAttached(t, vmNS, "tapv0") {
+		t.Errorf("tapv0 in the vm's namespace is not attached to qemu")
+	}
+	// QEMU creates a TAP that does not exist, so a QEMU started in the
+	// provider's namespace would have made tapv0 there.
+	if out := run(t, "ip", "-n", providerNS, "-o", "link", "show"); strings.Contains(out, "tapv0") {
+		t.Errorf("tapv0 appeared in the provider's namespace: %s", out)
+	}
+
+	if err := first.Pause(ctx, "own-ns"); err != nil {
+		t.Fatalf("pause: %v", err)
+	}
+	if _, err := first.Snapshot(ctx, "own-ns", vm.SnapshotOptions{ID: "s"}); err != nil {
+		t.Fatalf("snapshot: %v", err)
+	}
+	ref := &vm.SnapshotRef{VMID: "own-ns", SnapshotID: "s", ResumeImmediately: true,
+		NetworkOverrides: []vm.NetworkOverride{{IfaceID: "eth0", HostDevName: "tapv1"}}}
+	info, err = first.Create(ctx, vm.Config{ID: "own-ns-clone", NetNS: vmNSPath, RestoreFrom: ref})
+	if err != nil {
+		t.Fatalf("restore into the vm's namespace: %v", err)
+	}
+	if info.Config.NetNS != vmNSPath {
+		t.Errorf("restored config netns = %q, want %q", info.Config.NetNS, vmNSPath)
+	}
+	waitAgent(t, first, "own-ns-clone")
+	if !tapAttached(t, vmNS, "tapv1") {
+		t.Errorf("tapv1 in the vm's namespace is not attached to the clone")
+	}
+	if out := run(t, "ip", "-n", providerNS, "-o", "link", "show"); strings.Contains(out, "tapv1") {
+		t.Errorf("tapv1 appeared in the provider's namespace: %s", out)
+	}
+	if err := first.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+
+	second, err := New(ctx, Options{RunDir: dir, NetNS: "/run/netns/" + providerNS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { destroyAll(t, second) })
+	for _, id := range []string{"own-ns", "own-ns-clone"} {
+		if got := mustGet(t, second, id).Config.NetNS; got != vmNSPath {
+			t.Errorf("adopted %s: config netns = %q, want %q", id, got, vmNSPath)
+		}
+	}
+	// A ping shows that the adopted clone runs. Its "nics" reply is not
+	// checked, because a restored guest can still send the reply to a
+	// ping that waitAgent gave up on, which the next request then reads.
+	waitAgent(t, second, "own-ns-clone")
+	if !tapAttached(t, vmNS, "tapv1") {
+		t.Errorf("tapv1 is not attached after adoption")
+	}
+	destroyAll(t, second)
+	for _, tap := range []string{"tapv0", "tapv1"} {
+		if tapAttached(t, vmNS, tap) {
+			t.Errorf("%s is still attached after destroy", tap)
+		}
+	}
+	if pids := qemuPIDsUnder(dir); len(pids) > 0 {
+		t.Errorf("qemu processes left running: %v", pids)
+	}
+}

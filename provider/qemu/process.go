@@ -1,11 +1,9 @@
 package qemu
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -16,12 +14,13 @@ import (
 	"github.com/embervm/ember/vm"
 )
 
-// startProcess starts QEMU with args for inst. extra are inherited as
+// startProcess starts QEMU with args for inst in the network namespace at
+// path netns ("" for the provider's own). extra are inherited as
 // descriptors 3, 4 and so on. QEMU's stdin and stdout are /dev/null, its
 // stderr goes to qemu.log in the run directory, and the serial console to
 // serial.log, which a follower copies into the ring buffer. A goroutine
 // reaps the process and records its exit in inst.
-func (p *Provider) startProcess(inst *instance, args []string, extra []*os.File) error {
+func (p *Provider) startProcess(inst *instance, netns string, args []string, extra []*os.File) error {
 	stderrLog, err := os.OpenFile(inst.path(stderrLogName), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
@@ -41,7 +40,7 @@ func (p *Provider) startProcess(inst *instance, args []string, extra []*os.File)
 	// QEMU, which outlives the caller when the provider is closed.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 
-	if err := p.startInNetNS(cmd); err != nil {
+	if err := startInNetNS(cmd, netns); err != nil {
 		follower.close()
 		return fmt.Errorf("start %s: %w", p.binary, err)
 	}
@@ -54,48 +53,6 @@ func (p *Provider) startProcess(inst *instance, args []string, extra []*os.File)
 		p.finishExit(inst, err)
 	}()
 	return nil
-}
-
-// startInNetNS starts cmd in the namespace named by Options.NetNS. The
-// child inherits the network namespace of the thread that forks it, so the
-// start runs on a locked thread that switches namespace and back. When the
-// switch back fails, the thread stays locked and the runtime ends it with
-// the goroutine instead of returning it to the pool.
-func (p *Provider) startInNetNS(cmd *exec.Cmd) error {
-	if p.opts.NetNS == "" {
-		return cmd.Start()
-	}
-	target, err := os.Open(p.opts.NetNS)
-	if err != nil {
-		return fmt.Errorf("open network namespace: %w", err)
-	}
-	defer target.Close()
-
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open current network namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter network namespace %s: %w", p.opts.NetNS, err)
-			return
-		}
-		startErr := cmd.Start()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			// The thread is left locked, so it exits with this goroutine.
-			errc <- errors.Join(startErr, fmt.Errorf("return from network namespace: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- startErr
-	}()
-	return <-errc
 }
 
 // finishExit records the exit of QEMU, reported by exitErr, and moves the

@@ -73,7 +73,8 @@ type Options struct {
 	TSCKHz int
 	// NetNS is the path of a network namespace, such as
 	// /run/netns/<name>, in which QEMU processes start and open their
-	// TAP devices. "" means the provider's own namespace.
+	// TAP devices, for VMs whose Config.NetNS is empty. A VM's own NetNS
+	// takes precedence. "" means the provider's own namespace.
 	NetNS string
 	// Logger receives life-cycle events; nil means slog.Default().
 	Logger *slog.Logger
