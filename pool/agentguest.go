@@ -102,6 +102,9 @@ const warmEnvName = "EMBER_POOL_WARMUP"
 // overwrites: the clock, the entry's id as its hostname, and the unset of
 // a variable that is not set. Then it checks the agent's health. The
 // network is not configured, because an entry has no addresses of its own.
+//
+// NOTE: so a hand-off with NICs still runs the agent's network code for the
+// first time under TCG; that cost was not measured.
 func (g AgentGuest) Warm(ctx context.Context, id string) error {
 	c, err := g.connect(ctx, id)
 	if err != nil {
