@@ -71,7 +71,7 @@ func newBucket(p *Pool, cfg BucketConfig) *bucket {
 }
 
 func (b *bucket) start() {
-	b.p.metrics.depth.WithLabelValues(b.name).Set(0)
+	b.p.metrics.depth.WithLabelValues(b.name).Set(float64(len(b.ready)))
 	go b.run()
 }
 
@@ -246,6 +246,56 @@ func (b *bucket) rebind(cfg BucketConfig) {
 		}
 	}()
 	b.signal()
+}
+
+// adopt adds the entries an earlier pool detached, before the refiller
+// starts. It runs while Register holds the pool's lock, so it talks only to
+// the provider.
+func (b *bucket) adopt(records []EntryRecord) {
+	if len(records) == 0 {
+		return
+	}
+	ctx, cancel := cleanupContext()
+	defer cancel()
+	want := vm.StatePaused
+	if b.cfg.KeepRunning {
+		want = vm.StateRunning
+	}
+	for _, r := range records {
+		info, err := b.p.opts.Provider.Get(ctx, r.ID)
+		switch {
+		case errors.Is(err, vm.ErrNotFound):
+			b.p.log.Warn("pool entry to adopt is gone", "bucket", b.name, "vm", r.ID)
+		case err != nil:
+			b.p.log.Warn("pool entry to adopt cannot be read", "bucket", b.name, "vm", r.ID, "err", err)
+		case info.State != want:
+			b.p.log.Warn("pool entry to adopt is not ready, destroying it", "bucket", b.name, "vm", r.ID, "state", info.State)
+			b.p.discard(r.ID, evictFailed, b.name)
+		default:
+			b.ready = append(b.ready, &entry{id: r.ID, created: r.Created, generation: b.generation})
+		}
+	}
+	b.p.metrics.depth.WithLabelValues(b.name).Set(float64(len(b.ready)))
+}
+
+// detach ends the refiller like stop, but returns the ready entries
+// instead of destroying them.
+func (b *bucket) detach() []EntryRecord {
+	b.mu.Lock()
+	b.stopped = true
+	b.mu.Unlock()
+	b.cancel()
+	<-b.done
+	b.refills.Wait()
+
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make([]EntryRecord, 0, len(b.ready))
+	for _, e := range b.ready {
+		out = append(out, EntryRecord{ID: e.id, Created: e.created})
+	}
+	b.ready = nil
+	return out
 }
 
 // stop ends the refiller, waits for in-flight refills (which destroy what

@@ -96,6 +96,18 @@ type BucketConfig struct {
 	// VsockDir, when set, gives every restored VM a vsock override with
 	// its own socket in this directory.
 	VsockDir string
+	// Entries are ready entries that an earlier pool left behind with
+	// [Pool.Detach], such as the pool of an earlier CLI invocation.
+	// Register adopts those whose VM exists and is paused (or running,
+	// with KeepRunning); it destroys the ones in any other state and skips
+	// the ones that are gone.
+	Entries []EntryRecord
+}
+
+// EntryRecord identifies a ready entry across processes.
+type EntryRecord struct {
+	ID      string    `json:"id"`
+	Created time.Time `json:"created"`
 }
 
 func (c *BucketConfig) validate() error {
@@ -341,9 +353,36 @@ func (p *Pool) Register(cfg BucketConfig) error {
 		return nil
 	}
 	b := newBucket(p, cfg)
+	b.adopt(cfg.Entries)
 	p.buckets[name] = b
 	b.start()
 	return nil
+}
+
+// Detach stops every refiller and returns each bucket's ready entries
+// without destroying them, so a later pool can adopt them through
+// BucketConfig.Entries. Refills still in flight are rolled back. The pool
+// is closed afterwards.
+func (p *Pool) Detach(ctx context.Context) (map[Key][]EntryRecord, error) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil, ErrClosed
+	}
+	p.closed = true
+	buckets := make([]*bucket, 0, len(p.buckets))
+	for _, b := range p.buckets {
+		buckets = append(buckets, b)
+	}
+	p.buckets = map[string]*bucket{}
+	p.mu.Unlock()
+
+	p.cancel()
+	out := map[Key][]EntryRecord{}
+	for _, b := range buckets {
+		out[b.cfg.Key] = b.detach()
+	}
+	return out, ctx.Err()
 }
 
 // Remove stops a bucket's refiller and destroys its entries.

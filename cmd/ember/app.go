@@ -104,6 +104,7 @@ func (a *app) rootCommand() *cobra.Command {
 		newImageCommand(a),
 		a.runCommand(),
 		a.vmCommand(),
+		a.poolCommand(),
 	)
 	return root
 }
