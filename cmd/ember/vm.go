@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -380,9 +381,10 @@ func (a *app) vmRenameCommand(f *vmFlags) *cobra.Command {
 }
 
 func (a *app) vmRemoveCommand(f *vmFlags) *cobra.Command {
-	return &cobra.Command{
+	var withSnapshots bool
+	cmd := &cobra.Command{
 		Use:   "rm ID...",
-		Short: "Destroy VMs: stop the VMM and remove run-time files (snapshots stay)",
+		Short: "Destroy VMs: stop the VMM and remove run-time files (snapshots stay unless --with-snapshots)",
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) == 0 {
 				return usageError{errors.New("rm needs at least one VM id")}
@@ -400,11 +402,51 @@ func (a *app) vmRemoveCommand(f *vmFlags) *cobra.Command {
 					if !a.jsonOutput() {
 						fmt.Fprintf(a.stdout, "%s destroyed\n", id)
 					}
+					if withSnapshots {
+						errs = append(errs, a.deleteSnapshotsOf(cmd.Context(), p, id))
+					}
 				}
 				return errors.Join(errs...)
 			})
 		},
 	}
+	cmd.Flags().BoolVar(&withSnapshots, "with-snapshots", false, "also delete the VM's snapshots, newest first")
+	return cmd
+}
+
+// deleteSnapshotsOf deletes every snapshot of VM id, newest first so that
+// diff snapshots go before their parents: the store's manifests and the
+// provider's files.
+func (a *app) deleteSnapshotsOf(ctx context.Context, p vm.Provider, id string) error {
+	var errs []error
+	errs = append(errs, a.withStore(func(s *snapshot.Store) error {
+		list, err := s.List(id)
+		if err != nil {
+			return err
+		}
+		var errs []error
+		for _, m := range slices.Backward(list) {
+			errs = append(errs, s.Delete(m.VMID, m.ID))
+		}
+		return errors.Join(errs...)
+	}))
+	if del, ok := p.(vm.SnapshotDeleter); ok {
+		snaps, err := p.ListSnapshots(ctx, id)
+		errs = append(errs, err)
+		slices.SortFunc(snaps, func(x, y vm.SnapshotInfo) int { return y.CreatedAt.Compare(x.CreatedAt) })
+		for _, s := range snaps {
+			if err := del.DeleteSnapshot(ctx, s.VMID, s.ID); err != nil && !errors.Is(err, vm.ErrSnapshotNotFound) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("delete snapshots of %s: %w", id, err)
+	}
+	if !a.jsonOutput() {
+		fmt.Fprintf(a.stdout, "%s: snapshots deleted\n", id)
+	}
+	return nil
 }
 
 func (a *app) vmListCommand(f *vmFlags) *cobra.Command {

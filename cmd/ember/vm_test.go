@@ -84,7 +84,14 @@ func TestVMCommandsOnRealGuest(t *testing.T) {
 	if info.State != vm.StateStopped {
 		t.Fatalf("state after shutdown = %s", info.State)
 	}
-	mustRun(t, env, exitOK, "vm", "rm", "cli-a", "cli-c")
+	mustRun(t, env, exitOK, "vm", "rm", "cli-c")
+	if out := mustRun(t, env, exitOK, "snapshot", "ls", "cli-a"); !strings.Contains(out, "s1") {
+		t.Fatalf("destroying a clone removed the source's snapshot: %q", out)
+	}
+	mustRun(t, env, exitOK, "vm", "rm", "--with-snapshots", "cli-a")
+	if out := mustRun(t, env, exitOK, "snapshot", "ls", "-o", "json", "cli-a"); strings.TrimSpace(out) != "[]" {
+		t.Fatalf("snapshots after rm --with-snapshots: %q", out)
+	}
 	entries, _ := os.ReadDir(filepath.Join(runDir, "qemu"))
 	if len(entries) != 0 {
 		t.Fatalf("run directory not empty after rm: %v", entries)
