@@ -24,7 +24,7 @@ import (
 // poolStateVersion is the schema of pools.json.
 const poolStateVersion = 1
 
-// poolState is what `ember pool` keeps between invocations in
+// poolState is the record `ember pool` keeps between invocations in
 // <state_dir>/pools.json: each pool's bucket settings and the ready entries
 // the last invocation left paused.
 type poolState struct {
