@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"strings"
 
 	"sigs.k8s.io/yaml"
 )
@@ -49,7 +50,9 @@ func ParseSpec(data []byte) (Spec, error) {
 	dec := json.NewDecoder(bytes.NewReader(js))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&s); err != nil {
-		return Spec{}, fmt.Errorf("decode spec: %w", err)
+		// YAML specs are decoded as JSON, so drop the decoder's "json: "
+		// prefix that would only confuse a YAML author.
+		return Spec{}, fmt.Errorf("decode spec: %s", strings.TrimPrefix(err.Error(), "json: "))
 	}
 	if err := dec.Decode(new(json.RawMessage)); !errors.Is(err, io.EOF) {
 		return Spec{}, errors.New("decode spec: unexpected data after the spec")

@@ -276,7 +276,7 @@ func (a *app) vmSnapshotCommand(f *vmFlags) *cobra.Command {
 				if a.jsonOutput() {
 					return a.writeJSON(m)
 				}
-				fmt.Fprintf(a.stdout, "snapshot %s/%s taken (%s, %s)\n", m.VMID, m.ID, m.Type, m.VMMVersion)
+				fmt.Fprintf(a.stdout, "snapshot %s/%s taken (%s, %s %s)\n", m.VMID, m.ID, m.Type, m.Backend, m.VMMVersion)
 				return nil
 			})
 		},
@@ -532,6 +532,15 @@ func (a *app) vmExecCommand(f *vmFlags) *cobra.Command {
 				dialer, ok := p.(vm.AgentDialer)
 				if !ok {
 					return fmt.Errorf("backend %s cannot reach the guest agent", p.Backend())
+				}
+				// Fail at once on a VM that does not exist or does not run;
+				// the agent dial below waits for a guest that is booting.
+				info, err := p.Get(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				if info.State != vm.StateRunning {
+					return fmt.Errorf("exec in vm %q: the vm is %s, start or resume it first", args[0], info.State)
 				}
 				c, err := connectAgent(ctx, dialer, args[0], time.Minute)
 				if err != nil {

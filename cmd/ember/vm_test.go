@@ -112,6 +112,7 @@ func TestVMCommandErrors(t *testing.T) {
 		{[]string{"vm", "start", "cli-zzz"}, exitFailure, "not found"},
 		{[]string{"vm", "restore", "cli-zzz/nope", "cli-b"}, exitFailure, "snapshot not found"},
 		{[]string{"vm", "exec", "cli-a"}, exitUsage, "needs a VM id and a command"},
+		{[]string{"vm", "exec", "cli-zzz", "--", "true"}, exitFailure, "vm not found"},
 	}
 	for _, tc := range cases {
 		_, stderr, code := runCLI(t, env, tc.args...)
