@@ -1,7 +1,6 @@
 package firecracker
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -9,7 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/embervm/ember/vm"
+	"github.com/embervm/ember/internal/netnsfile"
 )
 
 // A VM whose Config.NetNS is set runs its Firecracker in that network
@@ -27,49 +26,12 @@ import (
 // fails, the goroutine exits still locked, the Go runtime destroys the
 // thread, and the spawn is reported as failed after the child was killed.
 
-// checkNetNS reports whether path names a network namespace, as a
-// *vm.ValidationError for the field "netns" when it does not.
-func checkNetNS(path string) error {
-	f, err := openNetNS(path)
-	if err != nil {
-		return err
-	}
-	f.Close()
-	return nil
-}
-
-// openNetNS opens the network namespace file at path, such as
-// /run/netns/NAME or /proc/PID/ns/net. A path that does not exist, or
-// that is not a network namespace, returns a *vm.ValidationError.
-func openNetNS(path string) (*os.File, error) {
-	invalid := func(problem string) error {
-		return &vm.ValidationError{Problems: []vm.FieldError{{Field: "netns", Problem: problem}}}
-	}
-	fi, err := os.Stat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, invalid(fmt.Sprintf("%s does not exist: create the network namespace first (ip netns add NAME)", path))
-	}
-	if err != nil {
-		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
-	}
-	// A namespace file is a regular file to stat(2). Checking first keeps
-	// open(2) away from FIFOs and devices, where it can block or act.
-	if !fi.Mode().IsRegular() {
-		return nil, invalid(fmt.Sprintf("%s is not a network namespace", path))
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
-	}
-	// NS_GET_NSTYPE fails with ENOTTY on a file that is not a namespace.
-	// On a namespace file it returns the namespace's CLONE_NEW* flag.
-	kind, err := unix.IoctlRetInt(int(f.Fd()), unix.NS_GET_NSTYPE)
-	if err != nil || kind != unix.CLONE_NEWNET {
-		f.Close()
-		return nil, invalid(fmt.Sprintf("%s is not a network namespace", path))
-	}
-	return f, nil
-}
+// checkNetNS and openNetNS check and open a network namespace file; see
+// package netnsfile.
+var (
+	checkNetNS = netnsfile.Check
+	openNetNS  = netnsfile.Open
+)
 
 // spawnInNetNS starts the child of opts inside the network namespace at
 // path. The calling goroutine's thread never changes namespace.

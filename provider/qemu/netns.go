@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/embervm/ember/internal/netnsfile"
 	"github.com/embervm/ember/vm"
 )
 
@@ -38,48 +39,12 @@ func (p *Provider) netnsOf(cfg *vm.Config) string {
 	return p.opts.NetNS
 }
 
-// checkNetNS returns a *vm.ValidationError on field "netns" unless path
-// names a network namespace.
-func checkNetNS(path string) error {
-	f, err := openNetNS(path)
-	if err != nil {
-		return err
-	}
-	return f.Close()
-}
-
-// openNetNS opens the network namespace file at path, such as
-// /run/netns/NAME or /proc/PID/ns/net. A path that does not exist or is
-// not a network namespace returns a *vm.ValidationError on field "netns".
-func openNetNS(path string) (*os.File, error) {
-	invalid := func(problem string) error {
-		return &vm.ValidationError{Problems: []vm.FieldError{{Field: "netns", Problem: problem}}}
-	}
-	fi, err := os.Stat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, invalid(fmt.Sprintf("%s does not exist: create the network namespace first, for example with ip netns add NAME", path))
-	}
-	if err != nil {
-		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
-	}
-	// Namespace files stat as regular files. Checking the mode first
-	// keeps open(2) away from FIFOs and devices, where it can block.
-	if !fi.Mode().IsRegular() {
-		return nil, invalid(fmt.Sprintf("%s is not a network namespace", path))
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
-	}
-	// NS_GET_NSTYPE returns the CLONE_NEW* flag of a namespace file and
-	// fails with ENOTTY on any other file.
-	kind, err := unix.IoctlRetInt(int(f.Fd()), unix.NS_GET_NSTYPE)
-	if err != nil || kind != unix.CLONE_NEWNET {
-		f.Close()
-		return nil, invalid(fmt.Sprintf("%s is not a network namespace", path))
-	}
-	return f, nil
-}
+// checkNetNS and openNetNS check and open a network namespace file; see
+// package netnsfile.
+var (
+	checkNetNS = netnsfile.Check
+	openNetNS  = netnsfile.Open
+)
 
 // startInNetNS starts cmd in the network namespace at path, or in the
 // caller's namespace when path is "". The calling goroutine's thread never
