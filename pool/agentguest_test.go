@@ -16,7 +16,8 @@ import (
 	"github.com/embervm/ember/agent/guest"
 )
 
-// recordingSystem stands in for the guest's privileged operations.
+// recordingSystem records the guest's privileged operations instead of
+// performing them.
 type recordingSystem struct {
 	mu       sync.Mutex
 	hostname string
@@ -65,20 +66,29 @@ func (d *pipeDialer) DialAgent(ctx context.Context, id string) (net.Conn, error)
 	return host, nil
 }
 
-func TestAgentGuestPersonalize(t *testing.T) {
-	root := t.TempDir()
-	sys := &recordingSystem{}
+// newPipeGuest starts a real guest-side agent server on a temporary root
+// with a recording system, reached through a pipe dialer, and stops it when
+// t ends.
+func newPipeGuest(t *testing.T) (root string, sys *recordingSystem, d *pipeDialer) {
+	t.Helper()
+	root = t.TempDir()
+	sys = &recordingSystem{}
 	srv, err := guest.NewServer(guest.Config{Root: root, System: sys, Version: "test"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	d := &pipeDialer{srv: srv, ctx: ctx}
+	d = &pipeDialer{srv: srv, ctx: ctx}
 	t.Cleanup(func() {
 		cancel()
 		d.wg.Wait()
 		srv.Close()
 	})
+	return root, sys, d
+}
+
+func TestAgentGuestPersonalize(t *testing.T) {
+	root, sys, d := newPipeGuest(t)
 	g := AgentGuest{Dialer: d}
 
 	if err := g.Health(context.Background(), "tenant-1"); err != nil {
@@ -140,23 +150,11 @@ func (refusingDialer) DialAgent(ctx context.Context, id string) (net.Conn, error
 // The personalization steps run concurrently, so a failing step must not
 // stop the others, and its error must name the step and the VM.
 func TestAgentGuestPersonalizeStepFails(t *testing.T) {
-	root := t.TempDir()
-	sys := &recordingSystem{}
-	srv, err := guest.NewServer(guest.Config{Root: root, System: sys, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	d := &pipeDialer{srv: srv, ctx: ctx}
-	t.Cleanup(func() {
-		cancel()
-		d.wg.Wait()
-		srv.Close()
-	})
+	root, _, d := newPipeGuest(t)
 	g := AgentGuest{Dialer: d}
 
 	p := Personalization{Hostname: "-invalid-", Env: map[string]string{"TENANT": "two"}}
-	err = g.Personalize(context.Background(), "tenant-2", p)
+	err := g.Personalize(context.Background(), "tenant-2", p)
 	var agentErr *agent.Error
 	if !errors.As(err, &agentErr) || agentErr.Code != agent.CodeInvalidArgument {
 		t.Fatalf("personalize with an invalid hostname: error %v, want an agent error with code %s", err, agent.CodeInvalidArgument)
@@ -173,19 +171,7 @@ func TestAgentGuestPersonalizeStepFails(t *testing.T) {
 // PersonalizeAndCheck uses one connection for the personalization and the
 // health check, and reports a failed step like Personalize.
 func TestAgentGuestPersonalizeAndCheck(t *testing.T) {
-	root := t.TempDir()
-	sys := &recordingSystem{}
-	srv, err := guest.NewServer(guest.Config{Root: root, System: sys, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	d := &pipeDialer{srv: srv, ctx: ctx}
-	t.Cleanup(func() {
-		cancel()
-		d.wg.Wait()
-		srv.Close()
-	})
+	_, sys, d := newPipeGuest(t)
 	g := AgentGuest{Dialer: d}
 
 	if err := g.PersonalizeAndCheck(context.Background(), "tenant-3", Personalization{Hostname: "tenant-3"}); err != nil {
@@ -204,7 +190,7 @@ func TestAgentGuestPersonalizeAndCheck(t *testing.T) {
 		t.Errorf("hostname %q, want tenant-3", hostname)
 	}
 
-	err = g.PersonalizeAndCheck(context.Background(), "tenant-3", Personalization{Hostname: "-invalid-"})
+	err := g.PersonalizeAndCheck(context.Background(), "tenant-3", Personalization{Hostname: "-invalid-"})
 	var agentErr *agent.Error
 	if !errors.As(err, &agentErr) || agentErr.Code != agent.CodeInvalidArgument {
 		t.Fatalf("personalize and check with an invalid hostname: error %v, want an agent error with code %s", err, agent.CodeInvalidArgument)
@@ -214,19 +200,7 @@ func TestAgentGuestPersonalizeAndCheck(t *testing.T) {
 // Warm runs the personalization code with values a hand-off overwrites and
 // leaves the environment as it was.
 func TestAgentGuestWarm(t *testing.T) {
-	root := t.TempDir()
-	sys := &recordingSystem{}
-	srv, err := guest.NewServer(guest.Config{Root: root, System: sys, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	d := &pipeDialer{srv: srv, ctx: ctx}
-	t.Cleanup(func() {
-		cancel()
-		d.wg.Wait()
-		srv.Close()
-	})
+	root, sys, d := newPipeGuest(t)
 	g := AgentGuest{Dialer: d}
 
 	if err := g.Warm(context.Background(), "pool-1"); err != nil {

@@ -26,11 +26,7 @@ func (a *app) snapshotCommand() *cobra.Command {
 		Short: "Check that a snapshot's files exist with their recorded sizes (and digests with --full)",
 		Args:  exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withStore(func(s *snapshot.Store) error {
-				vmID, id, err := parseSnapshotRef(args[0])
-				if err != nil {
-					return err
-				}
+			return a.withSnapshotRef(args[0], func(s *snapshot.Store, vmID, id string) error {
 				if err := s.Verify(cmd.Context(), vmID, id, full); err != nil {
 					return err
 				}
@@ -74,11 +70,7 @@ func (a *app) snapshotCommand() *cobra.Command {
 		Short: "Print a snapshot's manifest",
 		Args:  exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withStore(func(s *snapshot.Store) error {
-				vmID, id, err := parseSnapshotRef(args[0])
-				if err != nil {
-					return err
-				}
+			return a.withSnapshotRef(args[0], func(s *snapshot.Store, vmID, id string) error {
 				m, err := s.Get(vmID, id)
 				if err != nil {
 					return err
@@ -91,11 +83,7 @@ func (a *app) snapshotCommand() *cobra.Command {
 		Short: "Delete a snapshot and its files (refused while a diff snapshot depends on it)",
 		Args:  exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withStore(func(s *snapshot.Store) error {
-				vmID, id, err := parseSnapshotRef(args[0])
-				if err != nil {
-					return err
-				}
+			return a.withSnapshotRef(args[0], func(s *snapshot.Store, vmID, id string) error {
 				if err := s.Delete(vmID, id); err != nil {
 					return err
 				}
@@ -111,11 +99,7 @@ func (a *app) snapshotCommand() *cobra.Command {
 		Short: "Merge a diff snapshot and its ancestors into a new full snapshot",
 		Args:  exactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withStore(func(s *snapshot.Store) error {
-				vmID, id, err := parseSnapshotRef(args[0])
-				if err != nil {
-					return err
-				}
+			return a.withSnapshotRef(args[0], func(s *snapshot.Store, vmID, id string) error {
 				m, err := s.Get(vmID, id)
 				if err != nil {
 					return err
@@ -149,6 +133,16 @@ func (a *app) withStore(fn func(*snapshot.Store) error) error {
 	}
 	defer s.Close()
 	return fn(s)
+}
+
+// withSnapshotRef parses ref ("vm/snapshot") and runs fn with the opened
+// store and the reference's parts.
+func (a *app) withSnapshotRef(ref string, fn func(s *snapshot.Store, vmID, id string) error) error {
+	vmID, id, err := parseSnapshotRef(ref)
+	if err != nil {
+		return err
+	}
+	return a.withStore(func(s *snapshot.Store) error { return fn(s, vmID, id) })
 }
 
 // parseSnapshotRef splits "vm/snapshot".
