@@ -159,7 +159,7 @@ func (r *RateLimiter) toVM() *vm.RateLimiter {
 	return &vm.RateLimiter{Bandwidth: bucket(r.Bandwidth), Ops: bucket(r.Ops)}
 }
 
-// Source says where a value came from.
+// Source is the origin of a value: default, file or environment.
 type Source struct {
 	// Kind is "default", "file" or "env".
 	Kind string `json:"kind"`

@@ -95,7 +95,7 @@ func (n *fakeNetwork) attached() map[string]string {
 	return out
 }
 
-// fakeGuest answers health checks and records personalizations.
+// fakeGuest replies to health checks and records personalizations.
 type fakeGuest struct {
 	mu        sync.Mutex
 	sick      map[string]bool // ids whose health check fails

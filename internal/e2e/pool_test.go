@@ -18,7 +18,7 @@ import (
 
 // TestPoolRealGuestsSlots hands warm clones of one snapshot to three
 // tenants through the pool with real slot-mode networking: each tenant
-// answers with its own hostname at its own slot address, reaches the
+// replies with its own hostname at its own slot address, reaches the
 // allowed server and nothing else, and the pool refills and shuts down
 // without leaks.
 func TestPoolRealGuestsSlots(t *testing.T) {
@@ -96,7 +96,7 @@ func TestPoolRealGuestsSlots(t *testing.T) {
 		tenants = append(tenants, g)
 	}
 
-	// Each tenant answers at its own slot address from the host.
+	// Each tenant replies from the host's view at its own slot address.
 	for _, g := range tenants {
 		serveInGuest(t, g)
 		addr := g.att.Lease.SlotAddr.String() + ":" + guestPort
