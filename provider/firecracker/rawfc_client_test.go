@@ -77,6 +77,11 @@ func TestRawClientKeptAlive(t *testing.T) {
 		{"fault", withBody("400", `{"fault_message":"x"}`), 400, "", `status 400: {"fault_message":"x"}`},
 		{"bad status line", "HTTX 200\r\n\r\n", 0, "", "invalid status line"},
 		{"bad length", "HTTP/1.1 200 \r\nContent-Length: -1\r\n\r\n", 0, "", "invalid Content-Length"},
+		{"leading space", " HTTP/1.1 200 \r\n\r\n", 0, "", "invalid status line"},
+		{"space in version", "HTTP/1. 0\r\n\r\n", 0, "", "invalid status line"},
+		{"short code", "HTTP/1.1 20 \r\n\r\n", 0, "", "invalid status line"},
+		{"code out of range", "HTTP/1.1 999 \r\n\r\n", 0, "", "invalid status line"},
+		{"signed code", "HTTP/1.1 +20 \r\n\r\n", 0, "", "invalid status line"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -115,6 +120,7 @@ func FuzzRawReplyHead(f *testing.F) {
 	f.Add([]byte(withBody("200", `{"state":"Ok"}`)))
 	f.Add([]byte("HTTP/1.1 400 \r\nContent-Length: 99999999\r\n\r\n"))
 	f.Add([]byte("HTTP/1.0 200\r\nX\r\n\r\n"))
+	f.Add([]byte(" HTTP/1. 0\n\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		api := &rawAPI{r: bufio.NewReader(bytes.NewReader(data))}
 		status, length, err := api.readHead()
@@ -126,6 +132,12 @@ func FuzzRawReplyHead(f *testing.F) {
 		}
 		if !bytes.HasPrefix(data, []byte("HTTP/1.")) {
 			t.Errorf("readHead accepted %q without an HTTP/1.x status line (status %d)", data, status)
+		}
+		if status < 100 || status > 599 {
+			t.Errorf("readHead accepted status %d from %q", status, data)
+		}
+		if want := fmt.Sprintf("%d", status); !bytes.HasPrefix(data[len("HTTP/1.x "):], []byte(want)) {
+			t.Errorf("readHead returned status %d for %q", status, data)
 		}
 	})
 }

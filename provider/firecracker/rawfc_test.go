@@ -79,12 +79,8 @@ func (c *rawAPI) readHead() (int, int, error) {
 	if err != nil {
 		return 0, 0, fmt.Errorf("read status line: %w", err)
 	}
-	fields := strings.Fields(line)
-	if len(fields) < 2 || !strings.HasPrefix(fields[0], "HTTP/1.") {
-		return 0, 0, fmt.Errorf("invalid status line %q", line)
-	}
-	status, err := strconv.Atoi(fields[1])
-	if err != nil {
+	status, ok := parseStatusLine(strings.TrimRight(line, "\r\n"))
+	if !ok {
 		return 0, 0, fmt.Errorf("invalid status line %q", line)
 	}
 	length := 0
@@ -108,6 +104,33 @@ func (c *rawAPI) readHead() (int, int, error) {
 			}
 		}
 	}
+}
+
+// parseStatusLine returns the status code of an HTTP/1.x status line
+// such as "HTTP/1.1 204 " or "HTTP/1.1 400 Bad Request". The version,
+// the single space after it and a three-digit code in 100–599 are
+// required. The reason phrase may be empty.
+func parseStatusLine(line string) (int, bool) {
+	version, rest, ok := strings.Cut(line, " ")
+	if !ok || len(version) != len("HTTP/1.x") || !strings.HasPrefix(version, "HTTP/1.") ||
+		version[7] < '0' || version[7] > '9' {
+		return 0, false
+	}
+	code, _, _ := strings.Cut(rest, " ")
+	if len(code) != 3 {
+		return 0, false
+	}
+	status := 0
+	for _, c := range []byte(code) {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		status = status*10 + int(c-'0')
+	}
+	if status < 100 || status > 599 {
+		return 0, false
+	}
+	return status, true
 }
 
 // rawVM is a Firecracker process started without Ember.
