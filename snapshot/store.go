@@ -27,15 +27,17 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/embervm/ember/internal/fsutil"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/embervm/ember/internal/fsutil"
 	"github.com/embervm/ember/vm"
 )
 
@@ -375,7 +377,30 @@ func (s *Store) Delete(vmID, id string) error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("delete snapshot %s/%s files: %w", vmID, id, err)
 	}
+	s.removeEmptyDirs(vmID, m.Files)
 	return nil
+}
+
+// removeEmptyDirs removes the directories under the store's root that the
+// deletion of a snapshot of vmID left empty: those that held its files
+// (such as the output of Flatten) and the VM's manifest directory. A
+// directory that is not empty stays, and so does everything outside the
+// root, which belongs to a provider. The caller holds s.mu, and
+// writeManifest copes with a directory removed by another process.
+func (s *Store) removeEmptyDirs(vmID string, files []File) {
+	vmDir := filepath.Join(s.root, vmID)
+	var dirs []string
+	for _, f := range files {
+		dir := filepath.Dir(f.Path)
+		if rel, err := filepath.Rel(vmDir, dir); err == nil && rel != "." && filepath.IsLocal(rel) {
+			dirs = append(dirs, dir)
+		}
+	}
+	slices.Sort(dirs)
+	for _, dir := range slices.Backward(slices.Compact(dirs)) {
+		os.Remove(dir)
+	}
+	os.Remove(vmDir)
 }
 
 func hashFile(ctx context.Context, role, path string) (File, error) {
@@ -408,8 +433,16 @@ func (c *ctxReader) Read(p []byte) (int, error) {
 // writeManifest writes a manifest crash-safely, creating its VM's
 // directory when needed.
 func writeManifest(path string, m *Manifest) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
+	// Another process may remove the directory between the two steps when
+	// it deletes the VM's last snapshot, so a second attempt recreates it.
+	var err error
+	for range 2 {
+		if err = os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			return err
+		}
+		if err = fsutil.WriteJSONAtomic(path, m, 0o644); !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
 	}
-	return fsutil.WriteJSONAtomic(path, m, 0o644)
+	return err
 }

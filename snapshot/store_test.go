@@ -243,6 +243,55 @@ func TestChainAndDeleteProtection(t *testing.T) {
 	}
 }
 
+func TestDeleteRemovesEmptyDirectories(t *testing.T) {
+	e := newEnv(t)
+	t0 := time.Now()
+	e.record(t, "web-1", "base", "", []byte("aaaa"), t0)
+	e.record(t, "web-1", "d1", "base", []byte{0, 'b', 0, 0}, t0.Add(time.Second))
+	e.record(t, "web-2", "keep", "", []byte("cccc"), t0)
+
+	// Flatten writes into a directory of the store, as ember snapshot
+	// flatten does.
+	filesDir := filepath.Join(e.store.Root(), "web-1", "files")
+	if _, err := e.store.Flatten(context.Background(), "web-1", "d1", "flat", filesDir, overlayMerger{}); err != nil {
+		t.Fatal(err)
+	}
+
+	vmDir := filepath.Join(e.store.Root(), "web-1")
+	steps := []struct {
+		id        string
+		wantFiles bool // whether filesDir survives the step
+		wantVMDir bool
+	}{
+		{"flat", false, true},
+		{"d1", false, true},
+		{"base", false, false},
+	}
+	for _, st := range steps {
+		if err := e.store.Delete("web-1", st.id); err != nil {
+			t.Fatalf("delete %s: %v", st.id, err)
+		}
+		if _, err := os.Stat(filesDir); (err == nil) != st.wantFiles {
+			t.Errorf("after deleting %s: %s exists = %v, want %v", st.id, filesDir, err == nil, st.wantFiles)
+		}
+		if _, err := os.Stat(vmDir); (err == nil) != st.wantVMDir {
+			t.Errorf("after deleting %s: %s exists = %v, want %v", st.id, vmDir, err == nil, st.wantVMDir)
+		}
+		if _, err := os.Stat(e.dir); err != nil {
+			t.Errorf("after deleting %s: the directory outside the store is gone: %v", st.id, err)
+		}
+	}
+	if _, err := e.store.Get("web-2", "keep"); err != nil {
+		t.Fatalf("another VM's snapshot: %v", err)
+	}
+
+	// Recording again recreates the VM's directory.
+	e.record(t, "web-1", "again", "", []byte("dddd"), t0)
+	if _, err := e.store.Get("web-1", "again"); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // overlayMerger applies a diff by writing its non-zero bytes over dst, a
 // stand-in for a backend's sparse-file merge.
 type overlayMerger struct{}

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -79,20 +81,35 @@ func (a *app) snapshotCommand() *cobra.Command {
 			})
 		},
 	}, verify, &cobra.Command{
-		Use:   "rm VM/SNAPSHOT",
-		Short: "Delete a snapshot and its files (refused while a diff snapshot depends on it)",
-		Args:  exactArgs(1),
+		Use:   "rm VM/SNAPSHOT...",
+		Short: "Delete snapshots and their files (rejected while a diff snapshot depends on one)",
+		Long: `Delete snapshots: the store's manifest, the files it lists and the
+backend's own copy. The snapshots go in the order given, so name a diff
+before its parent. A snapshot that another depends on is rejected, and
+the ones after it are still deleted.`,
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.withSnapshotRef(args[0], func(s *snapshot.Store, vmID, id string) error {
-				if err := s.Delete(vmID, id); err != nil {
-					return err
+			var errs []error
+			var deleted []string
+			for _, ref := range args {
+				err := a.withSnapshotRef(ref, func(s *snapshot.Store, vmID, id string) error {
+					return a.deleteSnapshot(cmd.Context(), s, vmID, id)
+				})
+				if err != nil {
+					errs = append(errs, err)
+					continue
 				}
+				deleted = append(deleted, ref)
 				if !a.jsonOutput() {
-					fmt.Fprintf(a.stdout, "deleted %s\n", args[0])
-					return nil
+					fmt.Fprintf(a.stdout, "deleted %s\n", ref)
 				}
-				return a.writeJSON(map[string]any{"deleted": args[0]})
-			})
+			}
+			if a.jsonOutput() {
+				if err := a.writeJSON(map[string]any{"deleted": deleted}); err != nil {
+					errs = append(errs, err)
+				}
+			}
+			return errors.Join(errs...)
 		},
 	}, &cobra.Command{
 		Use:   "flatten VM/SNAPSHOT NEW-ID",
@@ -118,6 +135,26 @@ func (a *app) snapshotCommand() *cobra.Command {
 		},
 	})
 	return cmd
+}
+
+// deleteSnapshot deletes snapshot vmID/id from the store s and then the
+// backend's copy of it.
+func (a *app) deleteSnapshot(ctx context.Context, s *snapshot.Store, vmID, id string) error {
+	m, err := s.Get(vmID, id)
+	if err != nil {
+		return err
+	}
+	if err := s.Delete(vmID, id); err != nil {
+		return err
+	}
+	l, err := a.config()
+	if err != nil {
+		return err
+	}
+	if err := deleteBackendSnapshot(ctx, m.Backend, l.Config, a.logger(), vmID, id); err != nil {
+		return fmt.Errorf("deleted the manifest of %s/%s, but not the %s backend's copy: %w", vmID, id, m.Backend, err)
+	}
+	return nil
 }
 
 // withStore opens the snapshot store under the configured state directory

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -87,6 +88,85 @@ func TestSnapshotCommands(t *testing.T) {
 	}
 	if stdout, _, _ = runCLI(t, env, "snapshot", "ls", "-o", "json"); strings.TrimSpace(stdout) != "[]" {
 		t.Fatalf("ls after rm = %q", stdout)
+	}
+}
+
+func TestSnapshotRmSeveral(t *testing.T) {
+	env, files := seedStore(t)
+	state := strings.TrimPrefix(env[0], "EMBER_STATE_DIR=")
+
+	// The parent first: it is rejected, and the diff after it still goes.
+	stdout, stderr, code := runCLI(t, env, "snapshot", "rm", "web-1/base", "web-1/d1")
+	if code != exitFailure {
+		t.Errorf("rm base d1: exit %d, want %d", code, exitFailure)
+	}
+	if stdout != "deleted web-1/d1\n" {
+		t.Errorf("rm base d1: stdout %q", stdout)
+	}
+	if !strings.Contains(stderr, "snapshot has dependants: d1") {
+		t.Errorf("rm base d1: stderr %q", stderr)
+	}
+	if _, err := os.Stat(filepath.Join(files, "d1.mem")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("d1's memory file survived: %v", err)
+	}
+
+	stdout, stderr, code = runCLI(t, env, "snapshot", "rm", "-o", "json", "web-1/base", "web-1/missing")
+	if code != exitFailure {
+		t.Errorf("rm base missing: exit %d, want %d", code, exitFailure)
+	}
+	var out struct{ Deleted []string }
+	if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+		t.Fatalf("rm base missing: stdout %q: %v", stdout, err)
+	}
+	if len(out.Deleted) != 1 || out.Deleted[0] != "web-1/base" {
+		t.Errorf("rm base missing: deleted %q, want [web-1/base]", out.Deleted)
+	}
+	if !strings.Contains(stderr, "snapshot not found") {
+		t.Errorf("rm base missing: stderr %q", stderr)
+	}
+
+	entries, err := os.ReadDir(filepath.Join(state, "snapshots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 0 {
+		t.Errorf("store after deleting every snapshot: %v, want an empty directory", entries)
+	}
+	// Deleting a snapshot of a backend that has no copy of it starts no
+	// provider, which would create the backend's directories.
+	for _, dir := range []string{"firecracker-snapshots", "qemu-snapshots"} {
+		if _, err := os.Stat(filepath.Join(state, dir)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s exists after snapshot rm: %v", dir, err)
+		}
+	}
+}
+
+func TestSnapshotRmBackendCopyLeft(t *testing.T) {
+	env, _ := seedStore(t)
+	state := strings.TrimPrefix(env[0], "EMBER_STATE_DIR=")
+	// A backend record that the Firecracker provider cannot read.
+	dir := filepath.Join(state, "firecracker-snapshots", "web-1", "d1")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "meta.json"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	_, stderr, code := runCLI(t, env, "snapshot", "rm", "web-1/d1")
+	if code != exitFailure {
+		t.Errorf("rm: exit %d, want %d", code, exitFailure)
+	}
+	if !strings.Contains(stderr, "deleted the manifest of web-1/d1, but not the firecracker backend's copy") {
+		t.Errorf("rm: stderr %q", stderr)
+	}
+
+	_, stderr, code = runCLI(t, env, "snapshot", "inspect", "web-1/d1")
+	if code != exitFailure {
+		t.Errorf("inspect after rm: exit %d, want %d", code, exitFailure)
+	}
+	if !strings.Contains(stderr, "snapshot not found") {
+		t.Errorf("inspect after rm: stderr %q", stderr)
 	}
 }
 

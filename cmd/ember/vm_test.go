@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -59,6 +60,20 @@ func TestVMCommandsOnRealGuest(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &m); err != nil || m.ID != "s1" || m.Backend != "qemu" || len(m.Files) == 0 {
 		t.Fatalf("snapshot report %q (%v)", out, err)
 	}
+	// A second snapshot, deleted on its own, goes from the store and from
+	// the backend's directory.
+	stateDir := strings.TrimPrefix(env[0], "EMBER_STATE_DIR=")
+	mustRun(t, env, exitOK, "vm", "snapshot", "cli-a", "s2")
+	backendCopy := filepath.Join(stateDir, "qemu-snapshots", "cli-a", "s2")
+	if _, err := os.Stat(backendCopy); err != nil {
+		t.Fatalf("the backend's copy of s2: %v", err)
+	}
+	if out := mustRun(t, env, exitOK, "snapshot", "rm", "cli-a/s2"); out != "deleted cli-a/s2\n" {
+		t.Fatalf("snapshot rm printed %q", out)
+	}
+	if _, err := os.Stat(backendCopy); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("snapshot rm left the backend's copy: %v", err)
+	}
 	mustRun(t, env, exitOK, "vm", "restore", "cli-a/s1", "cli-b", "--resume")
 	if out := mustRun(t, env, exitOK, "vm", "exec", "cli-b", "--", "cat", "/tmp/mark"); out != "before\n" {
 		t.Fatalf("restored clone read %q from /tmp/mark", out)
@@ -95,6 +110,11 @@ func TestVMCommandsOnRealGuest(t *testing.T) {
 	entries, _ := os.ReadDir(filepath.Join(runDir, "qemu"))
 	if len(entries) != 0 {
 		t.Fatalf("run directory not empty after rm: %v", entries)
+	}
+	for _, dir := range []string{"qemu-snapshots", "snapshots"} {
+		if entries, err := os.ReadDir(filepath.Join(stateDir, dir)); err != nil || len(entries) != 0 {
+			t.Errorf("%s after rm --with-snapshots: %v (%v), want an empty directory", dir, entries, err)
+		}
 	}
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -38,7 +39,7 @@ func newProvider(ctx context.Context, backend string, cfg *config.Config, log *s
 		return qemu.New(ctx, qemu.Options{
 			Binary:      cfg.QEMU.Binary,
 			RunDir:      filepath.Join(cfg.RunDir, "qemu"),
-			SnapshotDir: filepath.Join(cfg.StateDir, "qemu-snapshots"),
+			SnapshotDir: backendSnapshotDir(cfg, "qemu"),
 			Accel:       qemu.Accel(cfg.QEMU.Accel),
 			Logger:      log,
 		})
@@ -47,26 +48,74 @@ func newProvider(ctx context.Context, backend string, cfg *config.Config, log *s
 		if err != nil {
 			return nil, fmt.Errorf("find firecracker binary %q: %w (set firecracker.binary or EMBER_FIRECRACKER_BINARY)", cfg.Firecracker.Binary, err)
 		}
-		fc := firecracker.Config{
-			Binary: bin,
-			// Ember's guest bundles use Debian's cloud kernel, which finds
-			// virtio devices only through ACPI.
-			KernelNeedsACPI: true,
-			RunDir:          filepath.Join(cfg.RunDir, "firecracker"),
-			SnapshotDir:     filepath.Join(cfg.StateDir, "firecracker-snapshots"),
-			Logger:          log,
-		}
-		if cfg.Firecracker.Jailer != "" {
-			fc.Jailer = &firecracker.JailerConfig{
-				Binary:        cfg.Firecracker.Jailer,
-				ChrootBaseDir: cfg.Firecracker.ChrootBaseDir,
-				UID:           cfg.Firecracker.UID,
-				GID:           cfg.Firecracker.GID,
-			}
-		}
-		return firecracker.New(fc)
+		return firecracker.New(firecrackerConfig(cfg, bin, log))
 	}
 	return nil, fmt.Errorf("unknown backend %q", backend)
+}
+
+// backendSnapshotDir returns the directory where a backend's provider
+// keeps its snapshots.
+func backendSnapshotDir(cfg *config.Config, backend string) string {
+	return filepath.Join(cfg.StateDir, backend+"-snapshots")
+}
+
+// firecrackerConfig returns the Firecracker provider's configuration for
+// the firecracker binary bin.
+func firecrackerConfig(cfg *config.Config, bin string, log *slog.Logger) firecracker.Config {
+	fc := firecracker.Config{
+		Binary: bin,
+		// Ember's guest bundles use Debian's cloud kernel, which finds
+		// virtio devices only through ACPI.
+		KernelNeedsACPI: true,
+		RunDir:          filepath.Join(cfg.RunDir, "firecracker"),
+		SnapshotDir:     backendSnapshotDir(cfg, "firecracker"),
+		Logger:          log,
+	}
+	if cfg.Firecracker.Jailer != "" {
+		fc.Jailer = &firecracker.JailerConfig{
+			Binary:        cfg.Firecracker.Jailer,
+			ChrootBaseDir: cfg.Firecracker.ChrootBaseDir,
+			UID:           cfg.Firecracker.UID,
+			GID:           cfg.Firecracker.GID,
+		}
+	}
+	return fc
+}
+
+// deleteBackendSnapshot deletes a backend's own copy of snapshot vmID/id:
+// its record and the files the snapshot store does not list. A snapshot
+// the backend does not have, such as one made by ember snapshot flatten,
+// is not an error. Deleting starts no VMM, so the Firecracker backend
+// works without its binary.
+func deleteBackendSnapshot(ctx context.Context, backend string, cfg *config.Config, log *slog.Logger, vmID, id string) error {
+	// Both backends keep a snapshot in <snapshot dir>/<vm>/<snapshot>.
+	// Without that directory there is nothing to delete, and no reason to
+	// start a provider, which would create its directories.
+	if _, err := os.Lstat(filepath.Join(backendSnapshotDir(cfg, backend), vmID, id)); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	var p vm.Provider
+	var err error
+	switch backend {
+	case "firecracker":
+		p, err = firecracker.New(firecrackerConfig(cfg, cfg.Firecracker.Binary, log))
+	default:
+		p, err = newProvider(ctx, backend, cfg, log)
+	}
+	if err != nil {
+		return err
+	}
+	if d, ok := p.(vm.Detacher); ok {
+		defer d.Close()
+	}
+	del, ok := p.(vm.SnapshotDeleter)
+	if !ok {
+		return nil
+	}
+	if err := del.DeleteSnapshot(ctx, vmID, id); err != nil && !errors.Is(err, vm.ErrSnapshotNotFound) {
+		return err
+	}
+	return nil
 }
 
 // bundleDefaults returns the workspace defaults with unset kernel, initrd

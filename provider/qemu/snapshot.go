@@ -104,12 +104,9 @@ func (p *Provider) snapshot(ctx context.Context, inst *instance, snapID string) 
 	if _, err := os.Lstat(final); err == nil {
 		return nil, vm.ErrSnapshotExists
 	}
-	if err := os.MkdirAll(parent, 0o700); err != nil {
-		return nil, err
-	}
 	// Write into a hidden temporary directory and rename it at the end,
 	// so that a crash never leaves a snapshot that looks complete.
-	tmp, err := os.MkdirTemp(parent, "."+snapID+".tmp-")
+	tmp, err := mkdirTempIn(parent, "."+snapID+".tmp-")
 	if err != nil {
 		return nil, err
 	}
@@ -521,7 +518,28 @@ func (p *Provider) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) 
 	if err := os.RemoveAll(trash); err != nil {
 		return fmt.Errorf("delete snapshot %q of vm %q: %w", snapshotID, vmID, err)
 	}
+	// The VM's directory goes with its last snapshot. While other
+	// snapshots are left in it, the removal fails and changes nothing.
+	os.Remove(filepath.Join(p.snapshotDir, vmID))
 	return nil
+}
+
+// mkdirTempIn creates a temporary directory in parent, creating parent
+// first. DeleteSnapshot removes a VM's directory when its last snapshot
+// goes, which can happen between the two steps, so a second attempt
+// recreates it.
+func mkdirTempIn(parent, pattern string) (string, error) {
+	var err error
+	for range 2 {
+		if err = os.MkdirAll(parent, 0o700); err != nil {
+			return "", err
+		}
+		var dir string
+		if dir, err = os.MkdirTemp(parent, pattern); !errors.Is(err, fs.ErrNotExist) {
+			return dir, err
+		}
+	}
+	return "", err
 }
 
 func (p *Provider) snapshotInfo(meta *snapshotMeta) vm.SnapshotInfo {

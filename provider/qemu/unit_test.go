@@ -278,6 +278,52 @@ func FuzzReadSnapshot(f *testing.F) {
 	})
 }
 
+func TestDeleteSnapshotRemovesVMDir(t *testing.T) {
+	root := t.TempDir()
+	p := &Provider{snapshotDir: root}
+	vmDir := filepath.Join(root, "web")
+	for _, id := range []string{"s1", "s2"} {
+		if err := os.MkdirAll(filepath.Join(vmDir, id), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(vmDir, id, snapshotMetaName), []byte("{}"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	ctx := t.Context()
+	if err := p.DeleteSnapshot(ctx, "web", "missing"); !errors.Is(err, vm.ErrSnapshotNotFound) {
+		t.Fatalf("delete of a missing snapshot: err = %v, want ErrSnapshotNotFound", err)
+	}
+
+	if err := p.DeleteSnapshot(ctx, "web", "s1"); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(vmDir)
+	if err != nil {
+		t.Fatalf("after deleting s1: %v", err)
+	}
+	if len(entries) != 1 || entries[0].Name() != "s2" {
+		t.Fatalf("after deleting s1: entries %v, want only s2", entries)
+	}
+
+	if err := p.DeleteSnapshot(ctx, "web", "s2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(vmDir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the VM's snapshot directory survived its last snapshot: %v", err)
+	}
+
+	// A new snapshot directory can be made again afterwards.
+	tmp, err := mkdirTempIn(vmDir, ".s3.tmp-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Dir(tmp) != vmDir {
+		t.Fatalf("temporary directory %s is not in %s", tmp, vmDir)
+	}
+}
+
 func TestCopyFileKeepsHoles(t *testing.T) {
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")
