@@ -161,7 +161,8 @@ func (r *RateLimiter) toVM() *vm.RateLimiter {
 
 // Source is the origin of a value: default, file or environment.
 type Source struct {
-	// Kind is "default", "file" or "env".
+	// Kind is "default", "file" or "env". The ember CLI also shows
+	// "bundle" for a VM default taken from the default guest bundle.
 	Kind string `json:"kind"`
 	// Detail is the file path or the environment variable.
 	Detail string `json:"detail,omitempty"`

@@ -1,12 +1,16 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
+	"strconv"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
 	"github.com/embervm/ember/config"
+	"github.com/embervm/ember/image"
 )
 
 func (a *app) configCommand() *cobra.Command {
@@ -70,16 +74,26 @@ func (a *app) showConfig(l *config.Loaded) error {
 		v, _ := l.Value(k)
 		entries = append(entries, configEntry{Key: k, Value: v, Source: l.Sources[k], Env: config.EnvName(k)})
 	}
+	bundle, bundleErr := applyBundleDefaults(l.Config, entries)
 	if a.jsonOutput() {
 		return a.writeJSON(struct {
 			File    string        `json:"file,omitempty"`
+			Bundle  string        `json:"bundle,omitempty"`
 			Entries []configEntry `json:"entries"`
-		}{l.Path, entries})
+		}{l.Path, bundle, entries})
 	}
 	if l.Path != "" {
 		fmt.Fprintf(a.stdout, "# file: %s\n", l.Path)
 	} else {
 		fmt.Fprintln(a.stdout, "# file: none (built-in defaults)")
+	}
+	switch {
+	case bundle != "":
+		fmt.Fprintf(a.stdout, "# bundle: %s (fills the unset VM defaults)\n", bundle)
+	case errors.Is(bundleErr, fs.ErrNotExist):
+		fmt.Fprintf(a.stdout, "# bundle: none in %s, so VMs need defaults.kernel or 'ember image build'\n", defaultBundleDir(l.Config))
+	case bundleErr != nil:
+		fmt.Fprintf(a.stdout, "# bundle: unusable: %v\n", bundleErr)
 	}
 	tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "KEY\tVALUE\tSOURCE")
@@ -87,4 +101,34 @@ func (a *app) showConfig(l *config.Loaded) error {
 		fmt.Fprintf(tw, "%s\t%q\t%s\n", e.Key, e.Value, e.Source)
 	}
 	return tw.Flush()
+}
+
+// applyBundleDefaults shows in entries the VM defaults that the default
+// guest bundle fills in, as ember vm create and ember run do when the
+// configuration sets no kernel. It returns the bundle's directory, or
+// the reason no bundle applies when there is no kernel either.
+func applyBundleDefaults(cfg *config.Config, entries []configEntry) (string, error) {
+	if cfg.VMDefaults().Kernel != "" {
+		return "", nil
+	}
+	dir := defaultBundleDir(cfg)
+	m, err := image.ReadManifest(dir)
+	if err != nil {
+		return "", err
+	}
+	d := bundleDefaults(cfg, dir, m)
+	values := map[string]string{
+		"defaults.kernel":           d.Kernel,
+		"defaults.initrd":           d.Initrd,
+		"defaults.rootfs":           d.Rootfs,
+		"defaults.rootfs_read_only": strconv.FormatBool(d.RootfsReadOnly),
+		"defaults.boot_args":        d.BootArgs,
+	}
+	for i, e := range entries {
+		if v, ok := values[e.Key]; ok && v != e.Value {
+			entries[i].Value = v
+			entries[i].Source = config.Source{Kind: "bundle"}
+		}
+	}
+	return dir, nil
 }

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/embervm/ember/image"
 )
 
 // runCLI runs ember with args and returns stdout, stderr and the exit code.
@@ -120,6 +122,70 @@ func TestConfigShowSources(t *testing.T) {
 	}
 	if e := got["backend"]; e.Source.Kind != "default" {
 		t.Errorf("backend entry = %+v", e)
+	}
+}
+
+func TestConfigShowBundleDefaults(t *testing.T) {
+	state := t.TempDir()
+	bundle := filepath.Join(state, "images", "default")
+	env := []string{"EMBER_STATE_DIR=" + state}
+
+	stdout, stderr, code := runCLI(t, env, "config", "show")
+	if code != exitOK {
+		t.Fatalf("without a bundle: exit %d: %s", code, stderr)
+	}
+	if want := "# bundle: none in " + bundle + ","; !strings.Contains(stdout, want) {
+		t.Errorf("without a bundle: stdout lacks %q:\n%s", want, stdout)
+	}
+
+	if err := os.MkdirAll(bundle, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	manifest := `{"schema_version":1,"boot_args":{"switchroot":"console=ttyS0 ember.mode=switchroot"}}`
+	if err := os.WriteFile(filepath.Join(bundle, image.ManifestFile), []byte(manifest), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, code = runCLI(t, env, "config", "show", "-o", "json")
+	if code != exitOK {
+		t.Fatalf("with a bundle: exit %d: %s", code, stderr)
+	}
+	var out struct {
+		Bundle  string
+		Entries []configEntry
+	}
+	if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+		t.Fatal(err)
+	}
+	if out.Bundle != bundle {
+		t.Errorf("bundle = %q, want %q", out.Bundle, bundle)
+	}
+	want := map[string]string{
+		"defaults.kernel":           filepath.Join(bundle, image.VmlinuxFile),
+		"defaults.initrd":           filepath.Join(bundle, image.InitramfsFile),
+		"defaults.rootfs":           filepath.Join(bundle, image.RootfsFile),
+		"defaults.rootfs_read_only": "true",
+		"defaults.boot_args":        "console=ttyS0 ember.mode=switchroot ember.rootflags=ro",
+	}
+	for _, e := range out.Entries {
+		v, fromBundle := want[e.Key]
+		if !fromBundle {
+			if e.Source.Kind == "bundle" {
+				t.Errorf("%s: source bundle, want the configuration's", e.Key)
+			}
+			continue
+		}
+		if e.Value != v {
+			t.Errorf("%s = %q, want %q", e.Key, e.Value, v)
+		}
+		if e.Source.Kind != "bundle" {
+			t.Errorf("%s: source %q, want bundle", e.Key, e.Source.Kind)
+		}
+	}
+
+	// A kernel in the configuration turns the bundle off, as in vm create.
+	stdout, _, _ = runCLI(t, append(env, "EMBER_DEFAULTS_KERNEL=/boot/vmlinux"), "config", "show")
+	if strings.Contains(stdout, "# bundle") || strings.Contains(stdout, bundle) {
+		t.Errorf("with defaults.kernel set, the bundle still shows:\n%s", stdout)
 	}
 }
 
