@@ -31,6 +31,9 @@ type BootConfig struct {
 	RootFlags string
 	// AgentPort is the vsock port to listen on (ember.agent_port).
 	AgentPort uint32
+	// Hostname is the guest's host name (ember.hostname). It takes
+	// precedence over the host name field of ip=.
+	Hostname string
 	// IP is the static configuration of the kernel's ip= parameter; nil
 	// when absent or "off".
 	IP *IPConfig
@@ -87,6 +90,12 @@ func ParseCmdline(cmdline string) (BootConfig, error) {
 				continue
 			}
 			cfg.AgentPort = uint32(port)
+		case "ember.hostname":
+			if err := agent.ValidateHostname(value); err != nil {
+				errs = append(errs, fmt.Errorf("ember.hostname: %w", err))
+				continue
+			}
+			cfg.Hostname = value
 		case "ip":
 			ip, err := parseIP(value)
 			if err != nil {

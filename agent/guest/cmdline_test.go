@@ -40,6 +40,15 @@ func TestParseCmdline(t *testing.T) {
 			cmdline: `foo="a b" ember.mode=switchroot -- ember.mode=initramfs`,
 			want:    BootConfig{Mode: ModeSwitchRoot, Root: "/dev/vda", RootFSType: "ext4", AgentPort: 1024},
 		},
+		{
+			name:    "hostname",
+			cmdline: "ember.hostname=web-1.example ip=10.0.0.2::::other:eth0:off",
+			want: BootConfig{Mode: ModeInitramfs, Root: "/dev/vda", RootFSType: "ext4", AgentPort: 1024, Hostname: "web-1.example", IP: &IPConfig{
+				Address: netip.MustParsePrefix("10.0.0.2/32"), Hostname: "other", Device: "eth0",
+			}},
+		},
+		{name: "bad ember.hostname", cmdline: "ember.hostname=web_1", wantErr: "ember.hostname"},
+		{name: "empty ember.hostname", cmdline: "ember.hostname=", wantErr: "ember.hostname"},
 		{name: "ip off", cmdline: "ip=off", want: BootConfig{Mode: ModeInitramfs, Root: "/dev/vda", RootFSType: "ext4", AgentPort: 1024}},
 		{name: "bad mode", cmdline: "ember.mode=live", wantErr: "ember.mode"},
 		{name: "bad port", cmdline: "ember.agent_port=0", wantErr: "ember.agent_port"},

@@ -84,8 +84,17 @@ func boot(level slog.Level) {
 		logger.Error("bringing up lo failed", "err", err)
 	}
 	sys := &guest.LinuxSystem{Logger: logger}
+	hostname := cfg.Hostname
 	if cfg.IP != nil {
-		applyIP(logger, sys, cfg.IP)
+		applyIP(logger, cfg.IP)
+		if hostname == "" {
+			hostname = cfg.IP.Hostname
+		}
+	}
+	if hostname != "" {
+		if err := sys.SetHostname(hostname); err != nil {
+			logger.Error("setting the hostname from the kernel command line failed", "hostname", hostname, "err", err)
+		}
 	}
 
 	ctx := context.Background()
@@ -105,7 +114,7 @@ func boot(level slog.Level) {
 }
 
 // applyIP configures the interface named by the ip= parameter.
-func applyIP(logger *slog.Logger, sys *guest.LinuxSystem, ip *guest.IPConfig) {
+func applyIP(logger *slog.Logger, ip *guest.IPConfig) {
 	iface := agent.InterfaceConfig{Addresses: []string{ip.Address.String()}}
 	if ip.Gateway.IsValid() {
 		iface.Routes = []agent.Route{{Destination: "default", Gateway: ip.Gateway.String()}}
@@ -114,11 +123,6 @@ func applyIP(logger *slog.Logger, sys *guest.LinuxSystem, ip *guest.IPConfig) {
 		logger.Error("applying ip= failed", "device", ip.Device, "address", ip.Address.String(), "err", err)
 	} else {
 		logger.Info("network configured from ip=", "device", ip.Device, "address", ip.Address.String(), "gateway", ip.Gateway.String())
-	}
-	if ip.Hostname != "" {
-		if err := sys.SetHostname(ip.Hostname); err != nil {
-			logger.Error("setting hostname from ip= failed", "hostname", ip.Hostname, "err", err)
-		}
 	}
 	if len(ip.DNS) > 0 {
 		content := "# Written by ember-agent from ip=.\n"

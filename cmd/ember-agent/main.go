@@ -18,6 +18,7 @@
 //	ember.rootfstype=ext4             root file system type
 //	ember.rootflags=ro|rw             mount the root read-only or read-write
 //	ember.agent_port=1024             vsock port
+//	ember.hostname=NAME               host name, used instead of the one in ip=
 //	ip=<client-ip>::<gw-ip>:<netmask>:<hostname>:<device>:off[:<dns0>[:<dns1>]]
 //
 // Outside a VM it can serve one Unix socket for manual tests:

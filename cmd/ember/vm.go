@@ -121,7 +121,8 @@ func (a *app) vmCreateCommand(f *vmFlags) *cobra.Command {
 override flags, each overriding the one before. The VM is configured but
 does not run until 'ember vm start'. Without a kernel in the configuration,
 the default guest bundle (ember image build) provides kernel, initramfs and
-a read-only root filesystem.`,
+a read-only root filesystem, and its agent sets the guest's host name to
+the VM id.`,
 		Args: exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, err := a.resolveCreate(cmd, args[0], s)
@@ -169,6 +170,11 @@ func (a *app) resolveCreate(cmd *cobra.Command, id string, s specFlags) (vm.Conf
 			return vm.Config{}, fmt.Errorf("guest bundle: %w (build one with 'ember image build' or set defaults.kernel)", err)
 		}
 		defaults = bundleDefaults(l.Config, bundle, m)
+		// The bundle's agent names the guest after the VM. A VM id that is
+		// not a valid host name (longer than 63 bytes) keeps the kernel's.
+		if agent.ValidateHostname(id) == nil {
+			defaults.BootArgs += " ember.hostname=" + id
+		}
 	}
 
 	var spec vm.Spec

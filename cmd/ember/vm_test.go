@@ -50,6 +50,9 @@ func TestVMCommandsOnRealGuest(t *testing.T) {
 		t.Fatalf("uname -s printed %q", out)
 	}
 	mustRun(t, env, 7, "vm", "exec", "cli-a", "--", "sh", "-c", "exit 7")
+	if out := mustRun(t, env, exitOK, "vm", "exec", "cli-a", "--", "hostname"); out != "cli-a\n" {
+		t.Fatalf("hostname printed %q, want the VM id", out)
+	}
 	mustRun(t, env, exitOK, "vm", "exec", "cli-a", "--", "sh", "-c", "echo before > /tmp/mark")
 
 	out := mustRun(t, env, exitOK, "vm", "snapshot", "cli-a", "s1", "-o", "json")
