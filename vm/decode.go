@@ -27,7 +27,8 @@ func DecodeSpec(data []byte) (Spec, error) {
 
 // ParseSpec parses a spec in JSON or YAML (JSON is a subset of YAML)
 // without validating its values. Unknown fields, trailing data and type
-// mismatches are errors.
+// mismatches are errors. Unknown fields come as a [*ValidationError] that
+// lists every one of them with its field path.
 func ParseSpec(data []byte) (Spec, error) {
 	var s Spec
 	if len(data) > MaxSpecSize {
@@ -50,6 +51,11 @@ func ParseSpec(data []byte) (Spec, error) {
 	dec := json.NewDecoder(bytes.NewReader(js))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&s); err != nil {
+		if strings.HasPrefix(err.Error(), "json: unknown field ") {
+			if problems := unknownFields(js); len(problems) > 0 {
+				return Spec{}, &ValidationError{Problems: problems}
+			}
+		}
 		// YAML specs are decoded as JSON, so drop the decoder's "json: "
 		// prefix that would only confuse a YAML author.
 		return Spec{}, fmt.Errorf("decode spec: %s", strings.TrimPrefix(err.Error(), "json: "))

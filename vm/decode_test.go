@@ -47,8 +47,8 @@ func TestDecodeSpecRejects(t *testing.T) {
 	cases := []struct {
 		name, doc, want string
 	}{
-		{"unknown field", `{"vcpus": 2}`, `unknown field "vcpus"`},
-		{"nested unknown field", `{"vsock": {"cid": 3}}`, `unknown field "cid"`},
+		{"unknown field", `{"vcpus": 2}`, `vcpus: unknown field, did you mean "vcpu_count"?`},
+		{"nested unknown field", `{"vsock": {"cid": 3}}`, `vsock.cid: unknown field, did you mean "guest_cid"?`},
 		{"wrong type", `{"vcpu_count": "two"}`, "cannot unmarshal string"},
 		{"trailing data", `{"vcpu_count": 1} {"vcpu_count": 2}`, "unexpected data after the spec"},
 		{"bad yaml", "kernel: [", "decode spec"},
@@ -57,6 +57,65 @@ func TestDecodeSpecRejects(t *testing.T) {
 		_, err := DecodeSpec([]byte(tc.doc))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: err = %v, want it to contain %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+func TestDecodeSpecListsUnknownFields(t *testing.T) {
+	doc := `
+kernal: /k
+VCPU_COUNT: 2
+memory: 128
+network_interfaces:
+  - {iface_id: eth0, host_dev_name: tap0, guest_mac: "06:00:00:00:00:01"}
+  - {iface_id: eth1, host_dev_name: tap1, mac: "06:00:00:00:00:02", rx_rate_limiter: {bandwith: {size: 1}}}
+restore_from: {vm_id: a, snapshot_id: b, network_overrides: [{iface_id: eth0, tap: tap2}]}
+"": 1
+"a.b": 2
+`
+	_, err := ParseSpec([]byte(doc))
+	var ve *ValidationError
+	if !errors.As(err, &ve) {
+		t.Fatalf("err = %v, want *ValidationError", err)
+	}
+	want := []FieldError{
+		{`""`, "unknown field"},
+		{`"a.b"`, "unknown field"},
+		{"kernal", `unknown field, did you mean "kernel"?`},
+		{"memory", "unknown field"},
+		{"network_interfaces[1].mac", `unknown field, did you mean "guest_mac"?`},
+		{"network_interfaces[1].rx_rate_limiter.bandwith", `unknown field, did you mean "bandwidth"?`},
+		{"restore_from.network_overrides[0].tap", "unknown field"},
+	}
+	if len(ve.Problems) != len(want) {
+		t.Fatalf("problems = %v, want %v", ve.Problems, want)
+	}
+	for i := range want {
+		if ve.Problems[i] != want[i] {
+			t.Errorf("problem %d = %v, want %v", i, ve.Problems[i], want[i])
+		}
+	}
+}
+
+func TestEditDistance(t *testing.T) {
+	cases := []struct {
+		a, b string
+		want int
+	}{
+		{"", "", 0},
+		{"", "abc", 3},
+		{"kernel", "kernel", 0},
+		{"kernal", "kernel", 1},
+		{"bandwith", "bandwidth", 1},
+		{"mtu", "mut", 2},
+		{"vcpus", "vcpu_count", 6},
+	}
+	for _, tc := range cases {
+		if got := editDistance(tc.a, tc.b); got != tc.want {
+			t.Errorf("editDistance(%q, %q) = %d, want %d", tc.a, tc.b, got, tc.want)
+		}
+		if got := editDistance(tc.b, tc.a); got != tc.want {
+			t.Errorf("editDistance(%q, %q) = %d, want %d", tc.b, tc.a, got, tc.want)
 		}
 	}
 }
@@ -105,6 +164,8 @@ func FuzzDecodeSpec(f *testing.F) {
 		`{"restore_from":{"vm_id":"a","snapshot_id":"b","network_overrides":[{"iface_id":"eth0","host_dev_name":"tap1"}],"vsock_override":{"uds_path":"/v"}}}`,
 		"vsock:\n  guest_cid: 3\n  uds_path: /v.sock\n",
 		`{"vcpu_count":0,"extra_drives":[{"drive_id":"rootfs"}]}`,
+		`{"vcpus":1,"network_interfaces":[{"mac":"x","rx_rate_limiter":{"bandwith":{}}}],"restore_from":{"network_overrides":[{"tap":"t"}]}}`,
+		`{"KERNEL":"/k","ẞẞ":1}`,
 	} {
 		f.Add([]byte(seed))
 	}

@@ -90,10 +90,15 @@ func TestSpecValidateUnreadable(t *testing.T) {
 	if code != exitFailure || !strings.Contains(stderr, "read spec:") || !strings.Contains(stderr, "no such file") {
 		t.Fatalf("exit %d stderr %q", code, stderr)
 	}
-	path := writeTemp(t, "unknown.yaml", "vcpus: 2\n")
+	path := writeTemp(t, "unknown.yaml", "vcpus: 2\nmem: 128\n")
 	_, stderr, code = runCLI(t, nil, "spec", "validate", path)
-	if code != exitFailure || !strings.Contains(stderr, `unknown field "vcpus"`) {
-		t.Fatalf("exit %d stderr %q", code, stderr)
+	if code != exitFailure {
+		t.Errorf("unknown fields: exit %d, want %d", code, exitFailure)
+	}
+	for _, want := range []string{"2 problems", `vcpus: unknown field, did you mean "vcpu_count"?`, "mem: unknown field"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("unknown fields: stderr lacks %q:\n%s", want, stderr)
+		}
 	}
 }
 

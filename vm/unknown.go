@@ -1,0 +1,177 @@
+package vm
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// unknownFields returns a problem for every key in the JSON document js
+// that has no field in a Spec, with its field path and, when a defined
+// field has a similar name, that name as a suggestion. encoding/json
+// stops at the first unknown key, and a spec author wants them all. Keys
+// match field names without regard to case, as encoding/json does.
+func unknownFields(js []byte) []FieldError {
+	var doc any
+	if err := json.Unmarshal(js, &doc); err != nil {
+		return nil
+	}
+	var problems []FieldError
+	walkUnknown("", doc, reflect.TypeFor[Spec](), &problems)
+	return problems
+}
+
+var jsonUnmarshaler = reflect.TypeFor[json.Unmarshaler]()
+
+// walkUnknown checks the decoded JSON value v against the Go type t and
+// appends a problem for each object key that t does not define. Values of
+// the wrong JSON type are skipped, because the decoder reports those.
+func walkUnknown(path string, v any, t reflect.Type, problems *[]FieldError) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if reflect.PointerTo(t).Implements(jsonUnmarshaler) {
+		return
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		obj, ok := v.(map[string]any)
+		if !ok {
+			return
+		}
+		fields := jsonFields(t)
+		for _, key := range slices.Sorted(maps.Keys(obj)) {
+			field := joinFieldPath(path, key)
+			ft, ok := lookupJSONField(fields, key)
+			if !ok {
+				*problems = append(*problems, FieldError{Field: field, Problem: unknownFieldProblem(key, fields)})
+				continue
+			}
+			walkUnknown(field, obj[key], ft, problems)
+		}
+	case reflect.Slice, reflect.Array:
+		list, ok := v.([]any)
+		if !ok {
+			return
+		}
+		for i, elem := range list {
+			walkUnknown(fmt.Sprintf("%s[%d]", path, i), elem, t.Elem(), problems)
+		}
+	case reflect.Map:
+		obj, ok := v.(map[string]any)
+		if !ok {
+			return
+		}
+		for _, key := range slices.Sorted(maps.Keys(obj)) {
+			walkUnknown(joinFieldPath(path, key), obj[key], t.Elem(), problems)
+		}
+	}
+}
+
+// jsonFields maps the JSON names of t's exported fields to their types.
+func jsonFields(t reflect.Type) map[string]reflect.Type {
+	fields := make(map[string]reflect.Type, t.NumField())
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		switch name {
+		case "-":
+			continue
+		case "":
+			name = f.Name
+		}
+		fields[name] = f.Type
+	}
+	return fields
+}
+
+// lookupJSONField finds key among fields, preferring an exact match and
+// then one that differs only in case.
+func lookupJSONField(fields map[string]reflect.Type, key string) (reflect.Type, bool) {
+	if t, ok := fields[key]; ok {
+		return t, true
+	}
+	for name, t := range fields {
+		if strings.EqualFold(name, key) {
+			return t, true
+		}
+	}
+	return nil, false
+}
+
+// joinFieldPath appends key to a field path. A key that is empty or has
+// characters no field name has is quoted, so that the path stays readable.
+func joinFieldPath(path, key string) string {
+	plain := key != "" && !strings.ContainsFunc(key, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-')
+	})
+	if !plain {
+		key = strconv.Quote(key)
+	}
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}
+
+// maxSuggestKey is the longest key that unknownFieldProblem compares with
+// the defined names. No field name comes near it.
+const maxSuggestKey = 64
+
+// unknownFieldProblem describes an unknown key, naming the closest defined
+// field when there is one. A field that has the key as one of its
+// underscore-separated words is closest ("mac" for "guest_mac"), then one
+// a few edits away (about one edit per three bytes) or sharing its first
+// four characters with the key.
+func unknownFieldProblem(key string, fields map[string]reflect.Type) string {
+	if len(key) > maxSuggestKey {
+		return "unknown field"
+	}
+	lower := strings.ToLower(key)
+	best, bestScore := "", -1
+	for _, name := range slices.Sorted(maps.Keys(fields)) {
+		score := -1
+		if slices.Contains(strings.Split(name, "_"), lower) {
+			score = 0
+		} else if d := editDistance(lower, name); d <= max(1, len(lower)/3) ||
+			(len(lower) >= 4 && len(name) >= 4 && lower[:4] == name[:4]) {
+			score = 1 + d
+		}
+		if score >= 0 && (bestScore < 0 || score < bestScore) {
+			best, bestScore = name, score
+		}
+	}
+	if best == "" {
+		return "unknown field"
+	}
+	return fmt.Sprintf("unknown field, did you mean %q?", best)
+}
+
+// editDistance returns the Levenshtein distance between a and b, counted
+// in bytes. Field names are ASCII.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
