@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
 	"time"
 
+	"github.com/embervm/ember/internal/fsutil"
 	"github.com/embervm/ember/vm"
 )
 
@@ -64,10 +64,10 @@ func (s *Store) Flatten(ctx context.Context, vmID, id, newID, dir string, merger
 			os.Remove(memPath)
 		}
 	}()
-	if err := copyFile(state.Path, statePath); err != nil {
+	if _, err := fsutil.CopyFile(statePath, state.Path); err != nil {
 		return Manifest{}, fmt.Errorf("flatten snapshot %s/%s: copy state: %w", vmID, id, err)
 	}
-	if err := copyFile(baseMem.Path, memPath); err != nil {
+	if _, err := fsutil.CopyFile(memPath, baseMem.Path); err != nil {
 		return Manifest{}, fmt.Errorf("flatten snapshot %s/%s: copy base memory: %w", vmID, id, err)
 	}
 	for _, link := range chain[1:] {
@@ -159,25 +159,4 @@ func (s *Store) GC(ctx context.Context, p Policy, now time.Time) ([]Manifest, er
 		victims = rest
 	}
 	return deleted, nil
-}
-
-func copyFile(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Sync(); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }

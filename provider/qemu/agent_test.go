@@ -225,31 +225,14 @@ func BenchmarkAgent(b *testing.B) {
 		execRTT = append(execRTT, median(rtts))
 		c.Close()
 
-		start = time.Now()
-		if err := p.Pause(ctx, id); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := p.Snapshot(ctx, id, vm.SnapshotOptions{ID: "bench"}); err != nil {
-			b.Fatal(err)
-		}
-		snap = append(snap, time.Since(start))
+		snap = append(snap, benchSnapshot(b, p, id))
 
 		start = time.Now()
-		ref := &vm.SnapshotRef{VMID: id, SnapshotID: "bench", ResumeImmediately: true}
-		if _, err := p.Create(ctx, vm.Config{ID: clone, RestoreFrom: ref}); err != nil {
-			b.Fatal(err)
-		}
+		benchRestore(b, p, id, clone)
 		mustDialAgent(b, p, clone).Close()
 		restore = append(restore, time.Since(start))
 
-		for _, v := range []string{id, clone} {
-			if err := p.Destroy(ctx, v); err != nil {
-				b.Fatal(err)
-			}
-		}
-		if err := p.DeleteSnapshot(ctx, id, "bench"); err != nil {
-			b.Fatal(err)
-		}
+		benchCleanup(b, p, id, clone)
 	}
 
 	b.ReportMetric(0, "ns/op")

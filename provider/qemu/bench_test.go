@@ -65,34 +65,17 @@ func BenchmarkBootRestoreExec(b *testing.B) {
 
 		rtt = append(rtt, measureRTT(b, p, id, 20))
 
-		start = time.Now()
-		if err := p.Pause(ctx, id); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := p.Snapshot(ctx, id, vm.SnapshotOptions{ID: "bench"}); err != nil {
-			b.Fatal(err)
-		}
-		snap = append(snap, time.Since(start))
+		snap = append(snap, benchSnapshot(b, p, id))
 
 		start = time.Now()
-		ref := &vm.SnapshotRef{VMID: id, SnapshotID: "bench", ResumeImmediately: true}
-		if _, err := p.Create(ctx, vm.Config{ID: clone, RestoreFrom: ref}); err != nil {
-			b.Fatal(err)
-		}
+		benchRestore(b, p, id, clone)
 		restoreRunning = append(restoreRunning, time.Since(start))
 		if err := pollAgent(ctx, p, clone, guestBootTimeout); err != nil {
 			b.Fatal(err)
 		}
 		restore = append(restore, time.Since(start))
 
-		for _, v := range []string{id, clone} {
-			if err := p.Destroy(ctx, v); err != nil {
-				b.Fatal(err)
-			}
-		}
-		if err := p.DeleteSnapshot(ctx, id, "bench"); err != nil {
-			b.Fatal(err)
-		}
+		benchCleanup(b, p, id, clone)
 	}
 
 	b.ReportMetric(0, "ns/op")
@@ -160,3 +143,40 @@ func median(d []time.Duration) time.Duration {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// benchSnapshot pauses VM id, takes its snapshot "bench" and returns how
+// long both steps took.
+func benchSnapshot(b *testing.B, p *Provider, id string) time.Duration {
+	b.Helper()
+	start := time.Now()
+	if err := p.Pause(b.Context(), id); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := p.Snapshot(b.Context(), id, vm.SnapshotOptions{ID: "bench"}); err != nil {
+		b.Fatal(err)
+	}
+	return time.Since(start)
+}
+
+// benchRestore creates the running VM clone from the snapshot "bench" of
+// VM id.
+func benchRestore(b *testing.B, p *Provider, id, clone string) {
+	b.Helper()
+	ref := &vm.SnapshotRef{VMID: id, SnapshotID: "bench", ResumeImmediately: true}
+	if _, err := p.Create(b.Context(), vm.Config{ID: clone, RestoreFrom: ref}); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// benchCleanup destroys VM id and its clone and deletes the snapshot.
+func benchCleanup(b *testing.B, p *Provider, id, clone string) {
+	b.Helper()
+	for _, v := range []string{id, clone} {
+		if err := p.Destroy(b.Context(), v); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := p.DeleteSnapshot(b.Context(), id, "bench"); err != nil {
+		b.Fatal(err)
+	}
+}

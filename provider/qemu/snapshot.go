@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/embervm/ember/internal/fsutil"
 	"github.com/embervm/ember/vm"
 )
 
@@ -125,7 +126,7 @@ func (p *Provider) snapshot(ctx context.Context, inst *instance, snapID string) 
 	inst.mu.Unlock()
 	var size int64
 	if previous != "" {
-		size, err = copyFile(filepath.Join(tmp, snapshotStateName), filepath.Join(previous, snapshotStateName))
+		size, err = fsutil.CopyFile(filepath.Join(tmp, snapshotStateName), filepath.Join(previous, snapshotStateName))
 		if err != nil {
 			return nil, fmt.Errorf("copy the state of the previous snapshot %s, which qemu requires while the vm has not run since: %w", previous, err)
 		}
@@ -169,7 +170,7 @@ func (p *Provider) snapshot(ctx context.Context, inst *instance, snapID string) 
 	inst.mu.Lock()
 	inst.migratedTo = final
 	inst.mu.Unlock()
-	return meta, syncDir(parent)
+	return meta, fsutil.SyncDir(parent)
 }
 
 // migrateToFile migrates the paused VM behind mon into a new file at path
@@ -246,7 +247,7 @@ func snapshotDriveFile(d machineDrive, i int, dir string) (snapshotDrive, error)
 		return snapshotDrive{Size: st.Size(), ModTime: st.ModTime().UTC()}, nil
 	}
 	name := fmt.Sprintf("%d-%s.img", i, d.ID)
-	size, err := copyFile(filepath.Join(dir, name), d.Path)
+	size, err := fsutil.CopyFile(filepath.Join(dir, name), d.Path)
 	if err != nil {
 		return snapshotDrive{}, err
 	}
@@ -376,7 +377,7 @@ func (p *Provider) prepareRestore(cfg *vm.Config, meta *snapshotMeta, dir string
 			continue
 		}
 		dst := filepath.Join(dir, driveCopyDir, d.Copy)
-		if _, err := copyFile(dst, filepath.Join(snapDir, snapshotDriveDir, d.Copy)); err != nil {
+		if _, err := fsutil.CopyFile(dst, filepath.Join(snapDir, snapshotDriveDir, d.Copy)); err != nil {
 			return machine{}, nil, fmt.Errorf("copy drive %q for the restored vm: %w", m.Drives[i].ID, err)
 		}
 		m.Drives[i].Path = dst

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 
 	"github.com/embervm/ember/vm"
@@ -321,41 +320,6 @@ func TestDeleteSnapshotRemovesVMDir(t *testing.T) {
 	}
 	if filepath.Dir(tmp) != vmDir {
 		t.Fatalf("temporary directory %s is not in %s", tmp, vmDir)
-	}
-}
-
-func TestCopyFileKeepsHoles(t *testing.T) {
-	dir := t.TempDir()
-	src := filepath.Join(dir, "src")
-	f, err := os.Create(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	const size = 64 << 20
-	f.WriteAt([]byte("head"), 0)
-	f.WriteAt([]byte("middle"), 32<<20)
-	f.Truncate(size)
-	f.Close()
-
-	dst := filepath.Join(dir, "dst")
-	n, err := copyFile(dst, src)
-	if err != nil || n != size {
-		t.Fatalf("copyFile = %d, %v", n, err)
-	}
-	got, _ := os.ReadFile(dst)
-	want, _ := os.ReadFile(src)
-	if !bytes.Equal(got, want) {
-		t.Fatalf("copy differs from the source")
-	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(dst, &st); err != nil {
-		t.Fatal(err)
-	}
-	if allocated := st.Blocks * 512; allocated > 1<<20 {
-		t.Errorf("copy allocates %d bytes for 10 bytes of data, holes were filled", allocated)
-	}
-	if _, err := copyFile(dst, src); !errors.Is(err, os.ErrExist) {
-		t.Errorf("copy onto an existing file: err = %v, want ErrExist", err)
 	}
 }
 

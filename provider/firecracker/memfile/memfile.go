@@ -21,6 +21,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/embervm/ember/internal/fsutil"
 )
 
 // Extent is a data region of a file: Length bytes at Offset.
@@ -137,8 +139,11 @@ func copyRange(dst, src *os.File, e Extent) (int64, error) {
 // leaves no partial output.
 func Merge(outPath, base string, chain ...string) error {
 	tmp := outPath + ".partial"
-	if err := copySparse(tmp, base); err != nil {
-		os.Remove(tmp)
+	// A partial file from an earlier merge that crashed is stale.
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("merge memory into %s: %w", outPath, err)
+	}
+	if _, err := fsutil.CopyFile(tmp, base); err != nil {
 		return fmt.Errorf("merge memory into %s: %w", outPath, err)
 	}
 	out, err := os.OpenFile(tmp, os.O_RDWR, 0)
@@ -162,37 +167,6 @@ func Merge(outPath, base string, chain ...string) error {
 	if err := os.Rename(tmp, outPath); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("merge memory into %s: %w", outPath, err)
-	}
-	return nil
-}
-
-// copySparse copies src to a new file dst, writing only src's data regions.
-func copySparse(dst, src string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	fi, err := in.Stat()
-	if err != nil {
-		return err
-	}
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	defer out.Close()
-	if err := out.Truncate(fi.Size()); err != nil {
-		return err
-	}
-	extents, err := DataExtents(in)
-	if err != nil {
-		return err
-	}
-	for _, e := range extents {
-		if _, err := copyRange(out, in, e); err != nil {
-			return err
-		}
 	}
 	return nil
 }
