@@ -9,6 +9,7 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/embervm/ember/config"
 )
@@ -53,7 +54,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ [
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	err := root.ExecuteContext(ctx)
+	cmd, err := root.ExecuteContextC(ctx)
 	switch {
 	case err == nil:
 		return exitOK
@@ -68,7 +69,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ [
 		}
 		return st.code
 	case errors.As(err, new(usageError)):
-		fmt.Fprintf(stderr, "ember: %v\nRun 'ember --help' for usage.\n", err)
+		path := "ember"
+		if cmd != nil {
+			path = cmd.CommandPath()
+		}
+		fmt.Fprintf(stderr, "ember: %v\nRun '%s --help' for usage.\n", err, path)
 		return exitUsage
 	default:
 		fmt.Fprintf(stderr, "ember: %v\n", err)
@@ -90,7 +95,7 @@ func (a *app) rootCommand() *cobra.Command {
 			return nil
 		},
 	}
-	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{flagError(err)} })
 	group(root)
 	flags := root.PersistentFlags()
 	flags.StringVarP(&a.output, "output", "o", outputText, `output format: "text" or "json"`)
@@ -158,6 +163,30 @@ func exactArgs(n int) cobra.PositionalArgs {
 		}
 		return nil
 	}
+}
+
+// flagError rewords an invalid flag value, such as a word for a number,
+// to name the flag, the value and the form expected, without the parser's
+// own message.
+func flagError(err error) error {
+	var ive *pflag.InvalidValueError
+	if !errors.As(err, &ive) {
+		return err
+	}
+	var want string
+	switch typ := ive.GetFlag().Value.Type(); typ {
+	case "int", "int8", "int16", "int32", "int64":
+		want = "a whole number"
+	case "uint", "uint8", "uint16", "uint32", "uint64":
+		want = "a whole number of 0 or more"
+	case "duration":
+		want = "a duration such as 30s or 2m"
+	case "bool":
+		want = "true or false"
+	default:
+		return err
+	}
+	return fmt.Errorf("--%s %q is invalid, want %s", ive.GetFlag().Name, ive.GetValue(), want)
 }
 
 // group makes a command that only holds subcommands print its help when

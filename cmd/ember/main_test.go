@@ -222,17 +222,31 @@ func TestBrokenEnvironmentFailsConfigShow(t *testing.T) {
 }
 
 func TestUsageErrors(t *testing.T) {
-	cases := [][]string{
-		{"bogus"},
-		{"config", "bogus"},
-		{"spec", "validate"},
-		{"--output", "yaml", "version"},
-		{"version", "--no-such-flag"},
+	cases := []struct {
+		args []string
+		want string // the start of the message after "ember: "
+		help string // the command the hint names
+	}{
+		{[]string{"bogus"}, `unknown command "bogus"`, "ember"},
+		{[]string{"config", "bogus"}, `unknown command "bogus" for "ember config"`, "ember config"},
+		{[]string{"spec", "validate"}, "accepts 1 arg(s)", "ember spec validate"},
+		{[]string{"--output", "yaml", "version"}, `--output "yaml" is invalid`, "ember version"},
+		{[]string{"version", "--no-such-flag"}, "unknown flag: --no-such-flag", "ember version"},
+		{[]string{"vm", "create", "a", "--vcpus", "two"}, `--vcpus "two" is invalid, want a whole number`, "ember vm create"},
+		{[]string{"vm", "create", "a", "--rootfs-read-only=maybe"}, `--rootfs-read-only "maybe" is invalid, want true or false`, "ember vm create"},
+		{[]string{"vm", "shutdown", "a", "--grace", "5"}, `--grace "5" is invalid, want a duration such as 30s or 2m`, "ember vm shutdown"},
+		{[]string{"snapshot", "rm"}, "missing snapshot: pass one or more", "ember snapshot rm"},
 	}
-	for _, args := range cases {
-		_, stderr, code := runCLI(t, nil, args...)
-		if code != exitUsage || !strings.HasPrefix(stderr, "ember: ") {
-			t.Errorf("%v: exit %d stderr %q, want exit %d", args, code, stderr, exitUsage)
+	for _, tc := range cases {
+		_, stderr, code := runCLI(t, []string{"EMBER_STATE_DIR=" + t.TempDir()}, tc.args...)
+		if code != exitUsage {
+			t.Errorf("%v: exit %d, want %d", tc.args, code, exitUsage)
+		}
+		if !strings.HasPrefix(stderr, "ember: "+tc.want) {
+			t.Errorf("%v: stderr %q, want it to start with %q", tc.args, stderr, "ember: "+tc.want)
+		}
+		if hint := "Run '" + tc.help + " --help' for usage.\n"; !strings.HasSuffix(stderr, hint) {
+			t.Errorf("%v: stderr %q, want it to end with %q", tc.args, stderr, hint)
 		}
 	}
 }

@@ -236,6 +236,16 @@ func (a *app) poolCreate(ctx context.Context, name string, f poolFlags) error {
 	if err := vm.ValidateID(name); err != nil {
 		return usageError{fmt.Errorf("pool name: %w", err)}
 	}
+	// The flags are checked before anything is opened, so that a typo
+	// costs no provider start.
+	switch {
+	case f.snapshot == "":
+		return usageError{errors.New("missing --snapshot VM/SNAPSHOT, the snapshot every entry is restored from")}
+	case f.min < 0:
+		return usageError{fmt.Errorf("--min %d is invalid, must be 0 or more", f.min)}
+	case f.max != 0 && f.max < f.min:
+		return usageError{fmt.Errorf("--max %d is invalid, must be 0 (meaning --min) or at least --min %d", f.max, f.min)}
+	}
 	srcVM, snapID, err := parseSnapshotRef(f.snapshot)
 	if err != nil {
 		return err

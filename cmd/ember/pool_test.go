@@ -71,6 +71,10 @@ func TestPoolCommandErrors(t *testing.T) {
 		{[]string{"pool", "create", "p1", "--snapshot", "no-separator"}, exitUsage, "use VM/SNAPSHOT"},
 		{[]string{"pool", "create", "bad_name", "--snapshot", "a/b"}, exitUsage, "pool name"},
 		{[]string{"pool", "acquire", "p1", "t1", "--env", "NOEQUALS"}, exitUsage, "use KEY=VALUE"},
+		{[]string{"pool", "create", "p1"}, exitUsage, "missing --snapshot VM/SNAPSHOT"},
+		{[]string{"pool", "create", "p1", "--snapshot", "a/b", "--min", "-1"}, exitUsage, "--min -1 is invalid"},
+		{[]string{"pool", "create", "p1", "--snapshot", "a/b", "--min", "3", "--max", "2"}, exitUsage, "--max 2 is invalid"},
+		{[]string{"pool", "create", "p1", "--snapshot", "a/b", "--min", "two"}, exitUsage, `--min "two" is invalid, want a whole number`},
 	}
 	for _, tc := range cases {
 		_, stderr, code := runCLI(t, env, tc.args...)

@@ -87,7 +87,12 @@ func (a *app) snapshotCommand() *cobra.Command {
 backend's own copy. The snapshots go in the order given, so name a diff
 before its parent. A snapshot that another depends on is rejected, and
 the ones after it are still deleted.`,
-		Args: cobra.MinimumNArgs(1),
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return usageError{errors.New("missing snapshot: pass one or more as VM/SNAPSHOT")}
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var errs []error
 			var deleted []string
