@@ -67,12 +67,13 @@ func (g AgentGuest) Health(ctx context.Context, id string) error {
 // connection concurrently, so they are sent at once and cost one round
 // trip instead of up to four.
 func (g AgentGuest) Personalize(ctx context.Context, id string, p Personalization) error {
+	called := time.Now()
 	c, err := g.connect(ctx, id)
 	if err != nil {
 		return fmt.Errorf("agent of %s: %w", id, err)
 	}
 	defer c.Close()
-	return personalize(ctx, c, id, p)
+	return personalize(ctx, c, id, p.sentAfter(called))
 }
 
 // PersonalizeAndCheck runs Personalize and then a health request on the
@@ -80,12 +81,13 @@ func (g AgentGuest) Personalize(ctx context.Context, id string, p Personalizatio
 // the agent notices a host connection only when it next polls its
 // virtio-serial port, every 50 ms (agent/guest, ServeVirtioPort).
 func (g AgentGuest) PersonalizeAndCheck(ctx context.Context, id string, p Personalization) error {
+	called := time.Now()
 	c, err := g.connect(ctx, id)
 	if err != nil {
 		return fmt.Errorf("agent of %s: %w", id, err)
 	}
 	defer c.Close()
-	if err := personalize(ctx, c, id, p); err != nil {
+	if err := personalize(ctx, c, id, p.sentAfter(called)); err != nil {
 		return err
 	}
 	if _, err := c.Health(ctx); err != nil {
@@ -121,6 +123,17 @@ func (g AgentGuest) Warm(ctx context.Context, id string) error {
 		return fmt.Errorf("agent of %s: health after warming: %w", id, err)
 	}
 	return nil
+}
+
+// sentAfter returns p with its clock moved forward by the time since
+// called, when a Personalize call began. Connecting to a guest that is
+// still booting or resuming takes up to seconds, and the guest should get
+// the time of the request, not that of the call.
+func (p Personalization) sentAfter(called time.Time) Personalization {
+	if !p.Clock.IsZero() {
+		p.Clock = p.Clock.Add(time.Since(called))
+	}
+	return p
 }
 
 // personalize applies p through the open connection c to VM id's agent.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/embervm/ember/agent"
 	"github.com/embervm/ember/agent/guest"
+	"github.com/embervm/ember/vm"
 )
 
 // recordingSystem records the guest's privileged operations instead of
@@ -87,6 +88,32 @@ func newPipeGuest(t *testing.T) (root string, sys *recordingSystem, d *pipeDiale
 	return root, sys, d
 }
 
+// slowDialer delays every dial, as a guest that is still resuming does.
+type slowDialer struct {
+	vm.AgentDialer
+	delay time.Duration
+}
+
+func (d slowDialer) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	time.Sleep(d.delay)
+	return d.AgentDialer.DialAgent(ctx, id)
+}
+
+func TestAgentGuestClockCountsDialTime(t *testing.T) {
+	_, sys, d := newPipeGuest(t)
+	const delay = 300 * time.Millisecond
+	g := AgentGuest{Dialer: slowDialer{AgentDialer: d, delay: delay}}
+	clock := time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
+	if err := g.Personalize(context.Background(), "tenant-1", Personalization{Clock: clock}); err != nil {
+		t.Fatalf("personalize: %v", err)
+	}
+	sys.mu.Lock()
+	defer sys.mu.Unlock()
+	if got := sys.clock.Sub(clock); got < delay {
+		t.Errorf("guest clock set %v after the requested time, want at least the %v the dial took", got, delay)
+	}
+}
+
 func TestAgentGuestPersonalize(t *testing.T) {
 	root, sys, d := newPipeGuest(t)
 	g := AgentGuest{Dialer: d}
@@ -104,13 +131,19 @@ func TestAgentGuestPersonalize(t *testing.T) {
 			DNS:        []netip.Addr{netip.MustParseAddr("10.0.0.1")},
 		},
 	}
+	called := time.Now()
 	if err := g.Personalize(context.Background(), "tenant-1", p); err != nil {
 		t.Fatalf("personalize: %v", err)
 	}
+	elapsed := time.Since(called)
 	sys.mu.Lock()
 	defer sys.mu.Unlock()
-	if sys.hostname != "tenant-1" || !sys.clock.Equal(clock) {
-		t.Errorf("hostname %q clock %v", sys.hostname, sys.clock)
+	if sys.hostname != "tenant-1" {
+		t.Errorf("hostname %q, want tenant-1", sys.hostname)
+	}
+	// The clock moves forward by the time the call took before sending.
+	if sys.clock.Before(clock) || sys.clock.After(clock.Add(elapsed)) {
+		t.Errorf("clock %v, want %v plus at most %v", sys.clock, clock, elapsed)
 	}
 	if len(sys.ifaces) != 1 || sys.ifaces[0].MAC != "06:00:0a:00:00:05" || sys.ifaces[0].Addresses[0] != "10.0.0.5/24" ||
 		sys.ifaces[0].Routes[0].Gateway != "10.0.0.1" || sys.ifaces[0].Routes[0].Destination != "default" {

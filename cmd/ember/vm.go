@@ -14,6 +14,7 @@ import (
 
 	"github.com/embervm/ember/agent"
 	"github.com/embervm/ember/image"
+	"github.com/embervm/ember/pool"
 	"github.com/embervm/ember/snapshot"
 	"github.com/embervm/ember/vm"
 )
@@ -75,7 +76,7 @@ live under <run_dir>/<backend>.`,
 		a.vmCreateCommand(&f),
 		simple("start", "Boot a created VM", vm.Provider.Start, "started"),
 		simple("pause", "Pause a running VM", vm.Provider.Pause, "paused"),
-		simple("resume", "Resume a paused VM", vm.Provider.Resume, "resumed"),
+		a.vmResumeCommand(&f),
 		shutdown,
 		a.vmSnapshotCommand(&f),
 		a.vmRestoreCommand(&f),
@@ -246,6 +247,7 @@ func absPath(p string) string {
 
 func (a *app) vmSnapshotCommand(f *vmFlags) *cobra.Command {
 	var diff, leavePaused bool
+	var sync guestSync
 	cmd := &cobra.Command{
 		Use:   "snapshot ID SNAPSHOT-ID",
 		Short: "Pause a VM, snapshot it and record the snapshot in the store",
@@ -278,6 +280,7 @@ func (a *app) vmSnapshotCommand(f *vmFlags) *cobra.Command {
 					if err := p.Resume(ctx, args[0]); err != nil {
 						return err
 					}
+					a.syncGuest(ctx, p, args[0], "", sync)
 				}
 				if a.jsonOutput() {
 					return a.writeJSON(m)
@@ -289,6 +292,7 @@ func (a *app) vmSnapshotCommand(f *vmFlags) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&diff, "diff", false, "take a diff snapshot of the pages written since the previous snapshot")
 	cmd.Flags().BoolVar(&leavePaused, "leave-paused", false, "keep a running VM paused after the snapshot")
+	sync.addFlags(cmd, "after resuming, set the guest clock through the guest agent")
 	return cmd
 }
 
@@ -311,6 +315,7 @@ func (a *app) vmRestoreCommand(f *vmFlags) *cobra.Command {
 	var resume bool
 	var overrides []string
 	var vsock string
+	var sync guestSync
 	cmd := &cobra.Command{
 		Use:   "restore VM/SNAPSHOT NEW-ID",
 		Short: "Restore a snapshot into a new VM, checking compatibility first",
@@ -343,6 +348,13 @@ func (a *app) vmRestoreCommand(f *vmFlags) *cobra.Command {
 				if _, err := p.Create(ctx, cfg); err != nil {
 					return err
 				}
+				if resume {
+					hostname := ""
+					if agent.ValidateHostname(cfg.ID) == nil {
+						hostname = cfg.ID
+					}
+					a.syncGuest(ctx, p, cfg.ID, hostname, sync)
+				}
 				return a.printVM(ctx, p, cfg.ID, "restored")
 			})
 		},
@@ -350,7 +362,63 @@ func (a *app) vmRestoreCommand(f *vmFlags) *cobra.Command {
 	cmd.Flags().BoolVar(&resume, "resume", false, "resume the restored VM at once instead of leaving it paused")
 	cmd.Flags().StringArrayVar(&overrides, "tap", nil, "network override IFACE=TAP (repeatable)")
 	cmd.Flags().StringVar(&vsock, "vsock", "", "new host socket path for the snapshot's vsock device")
+	sync.addFlags(cmd, "with --resume, set the guest clock and the hostname (NEW-ID) through the guest agent")
 	return cmd
+}
+
+func (a *app) vmResumeCommand(f *vmFlags) *cobra.Command {
+	var sync guestSync
+	cmd := &cobra.Command{
+		Use:   "resume ID",
+		Short: "Resume a paused VM and set its clock through the guest agent",
+		Args:  exactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			return a.withProvider(ctx, *f, func(p vm.Provider) error {
+				if err := p.Resume(ctx, args[0]); err != nil {
+					return err
+				}
+				a.syncGuest(ctx, p, args[0], "", sync)
+				return a.printVM(ctx, p, args[0], "resumed")
+			})
+		},
+	}
+	sync.addFlags(cmd, "set the guest clock through the guest agent, which a pause leaves behind")
+	return cmd
+}
+
+// guestSync is the set of flags of the commands that let a guest run
+// again after it was stopped in time. A guest's clock does not move while its VM is
+// paused, and a restored guest's clock starts at the snapshot's time.
+type guestSync struct {
+	enabled bool
+	timeout time.Duration
+}
+
+func (g *guestSync) addFlags(cmd *cobra.Command, usage string) {
+	cmd.Flags().BoolVar(&g.enabled, "sync-clock", true, usage)
+	cmd.Flags().DurationVar(&g.timeout, "agent-timeout", 30*time.Second, "how long to wait for the guest agent with --sync-clock")
+}
+
+// syncGuest sets the clock of running VM id, and its hostname when not
+// empty, through the guest agent. A failure is a warning on stderr: the VM
+// runs and only its clock or hostname is off, so the command still
+// succeeds.
+func (a *app) syncGuest(ctx context.Context, p vm.Provider, id, hostname string, g guestSync) {
+	if !g.enabled {
+		return
+	}
+	dialer, ok := p.(vm.AgentDialer)
+	if !ok {
+		fmt.Fprintf(a.stderr, "ember: warning: backend %s cannot reach the guest agent, so the clock of %s was not set\n", p.Backend(), id)
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, g.timeout)
+	defer cancel()
+	err := pool.AgentGuest{Dialer: dialer}.Personalize(ctx, id, pool.Personalization{Clock: time.Now(), Hostname: hostname})
+	if err != nil {
+		fmt.Fprintf(a.stderr, "ember: warning: %s runs, but its clock was not set: %v (for a guest without Ember's agent, pass --sync-clock=false)\n", id, err)
+	}
 }
 
 // checkRestore verifies, when the store has a manifest for the snapshot,

@@ -6,8 +6,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/embervm/ember/vm"
 )
@@ -39,6 +41,30 @@ func mustRun(t *testing.T, env []string, want int, args ...string) string {
 		t.Fatalf("ember %s: exit %d, want %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, want, stdout, stderr)
 	}
 	return stdout
+}
+
+// mustRunQuiet runs ember and fails the test unless it succeeds without
+// writing to stderr, where warnings go.
+func mustRunQuiet(t *testing.T, env []string, args ...string) {
+	t.Helper()
+	stdout, stderr, code := runCLI(t, env, args...)
+	if code != exitOK || stderr != "" {
+		t.Fatalf("ember %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, stdout, stderr)
+	}
+}
+
+// checkGuestClock fails the test when the guest clock of VM id reads
+// earlier than notBefore, a host time in Unix seconds.
+func checkGuestClock(t *testing.T, env []string, id string, notBefore int64) {
+	t.Helper()
+	out := mustRun(t, env, exitOK, "vm", "exec", id, "--", "date", "+%s")
+	guest, err := strconv.ParseInt(strings.TrimSpace(out), 10, 64)
+	if err != nil {
+		t.Fatalf("date +%%s in %s printed %q", id, out)
+	}
+	if guest < notBefore {
+		t.Errorf("guest clock of %s is %d, %d s behind the host time before the command", id, guest, notBefore-guest)
+	}
 }
 
 func TestVMCommandsOnRealGuest(t *testing.T) {
@@ -77,13 +103,35 @@ func TestVMCommandsOnRealGuest(t *testing.T) {
 	if _, err := os.Stat(backendCopy); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("snapshot rm left the backend's copy: %v", err)
 	}
-	mustRun(t, env, exitOK, "vm", "restore", "cli-a/s1", "cli-b", "--resume")
+	// The guest clock does not move in a snapshot or during a pause.
+	// Restore and resume set it, so the guest is not behind the host time
+	// taken before either command, a gap of some seconds otherwise.
+	time.Sleep(4 * time.Second)
+	before := time.Now().Unix()
+	mustRunQuiet(t, env, "vm", "restore", "cli-a/s1", "cli-b", "--resume")
+	checkGuestClock(t, env, "cli-b", before)
+	if out := mustRun(t, env, exitOK, "vm", "exec", "cli-b", "--", "hostname"); out != "cli-b\n" {
+		t.Errorf("restored clone's hostname is %q, want its new id", out)
+	}
 	if out := mustRun(t, env, exitOK, "vm", "exec", "cli-b", "--", "cat", "/tmp/mark"); out != "before\n" {
 		t.Fatalf("restored clone read %q from /tmp/mark", out)
 	}
 	mustRun(t, env, exitOK, "vm", "pause", "cli-b")
 	mustRun(t, env, exitOK, "vm", "rename", "cli-b", "cli-c")
-	mustRun(t, env, exitOK, "vm", "resume", "cli-c")
+	time.Sleep(4 * time.Second)
+	before = time.Now().Unix()
+	mustRunQuiet(t, env, "vm", "resume", "cli-c")
+	checkGuestClock(t, env, "cli-c", before)
+	// An agent that does not reply in time leaves the VM running, with a
+	// warning.
+	mustRun(t, env, exitOK, "vm", "pause", "cli-c")
+	_, stderr, code := runCLI(t, env, "vm", "resume", "cli-c", "--agent-timeout", "1ns")
+	if code != exitOK {
+		t.Errorf("resume with a timed-out agent: exit %d, want %d", code, exitOK)
+	}
+	if want := "ember: warning: cli-c runs, but its clock was not set"; !strings.HasPrefix(stderr, want) {
+		t.Errorf("resume with a timed-out agent: stderr %q, want it to start with %q", stderr, want)
+	}
 
 	var infos []vm.Info
 	if err := json.Unmarshal([]byte(mustRun(t, env, exitOK, "vm", "ls", "-o", "json")), &infos); err != nil {
