@@ -34,6 +34,10 @@ type BootConfig struct {
 	// Hostname is the guest's host name (ember.hostname). It takes
 	// precedence over the host name field of ip=.
 	Hostname string
+	// PollVirtioPort is set by ember.serial_wait=poll, as described at
+	// [Config.PollVirtioPort]. The default, ember.serial_wait=epoll, waits
+	// for the driver's report of a host connection.
+	PollVirtioPort bool
 	// IP is the static configuration of the kernel's ip= parameter; nil
 	// when absent or "off".
 	IP *IPConfig
@@ -96,6 +100,12 @@ func ParseCmdline(cmdline string) (BootConfig, error) {
 				continue
 			}
 			cfg.Hostname = value
+		case "ember.serial_wait":
+			if value != "epoll" && value != "poll" {
+				errs = append(errs, fmt.Errorf("ember.serial_wait=%q: want epoll or poll", value))
+				continue
+			}
+			cfg.PollVirtioPort = value == "poll"
 		case "ip":
 			ip, err := parseIP(value)
 			if err != nil {

@@ -47,6 +47,12 @@ func TestParseCmdline(t *testing.T) {
 				Address: netip.MustParsePrefix("10.0.0.2/32"), Hostname: "other", Device: "eth0",
 			}},
 		},
+		{
+			name:    "serial wait",
+			cmdline: "ember.serial_wait=poll",
+			want:    BootConfig{Mode: ModeInitramfs, Root: "/dev/vda", RootFSType: "ext4", AgentPort: 1024, PollVirtioPort: true},
+		},
+		{name: "bad serial wait", cmdline: "ember.serial_wait=busy", wantErr: "ember.serial_wait"},
 		{name: "bad ember.hostname", cmdline: "ember.hostname=web_1", wantErr: "ember.hostname"},
 		{name: "empty ember.hostname", cmdline: "ember.hostname=", wantErr: "ember.hostname"},
 		{name: "ip off", cmdline: "ip=off", want: BootConfig{Mode: ModeInitramfs, Root: "/dev/vda", RootFSType: "ext4", AgentPort: 1024}},

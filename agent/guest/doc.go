@@ -30,8 +30,10 @@
 // provides. [FindVirtioPort] and [Server.ServeVirtioPort] serve the
 // virtio-serial port named "ember.agent", which QEMU provides. The Linux
 // driver returns EOF on that port while no host is connected, so the agent
-// polls it every 50 ms until a byte arrives. Each host connection is one
-// session: on EOF the agent ends the session and reopens the port.
+// waits with epoll for the driver's report that the host connected (or
+// polls every 50 ms with [Config.PollVirtioPort]) and reads again. Each
+// host connection is one session: on EOF the agent ends the session and
+// reopens the port.
 //
 // # PID 1
 //

@@ -50,6 +50,12 @@ type Config struct {
 	BaseEnv []string
 	// Version is the agent version reported in the handshake and health.
 	Version string
+	// PollVirtioPort makes [Server.ServeVirtioPort] look for a host
+	// connection every 50 ms instead of waiting for the virtio console
+	// driver to report it. It is a fallback for a driver that does not wake
+	// its pollers when the host connects, and the baseline of the
+	// reconnect benchmark.
+	PollVirtioPort bool
 	// Logger receives the agent's log records; nil discards them.
 	Logger *slog.Logger
 }

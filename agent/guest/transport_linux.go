@@ -109,13 +109,79 @@ func FindVirtioPort(sysfsRoot, name string) (string, error) {
 
 // disconnectedPoll is how often the agent checks a virtio-serial port whose
 // host end is not connected. The driver returns EOF at once in that state
-// rather than blocking, so there is nothing to wait on.
+// rather than blocking, so a read cannot wait for the host.
 const disconnectedPoll = 50 * time.Millisecond
 
+// waitForHost returns when the host may have connected to the virtio-serial
+// port f, when ctx ends, or after disconnectedPoll at the latest.
+//
+// Linux's virtio console driver reports EPOLLHUP for a port whose host end
+// is closed and wakes the port's pollers when the host opens it, so an
+// edge-triggered epoll wait for EPOLLOUT returns as soon as the host
+// connects. The first report after registering is the current state, a
+// hangup, and is skipped. On any epoll error, and with poll set, the wait
+// is a plain sleep.
+func waitForHost(ctx context.Context, f *os.File, poll bool) {
+	if !poll {
+		if err := epollWaitForHost(ctx, f, disconnectedPoll); err == nil {
+			return
+		}
+	}
+	select {
+	case <-ctx.Done():
+	case <-time.After(disconnectedPoll):
+	}
+}
+
+func epollWaitForHost(ctx context.Context, f *os.File, timeout time.Duration) error {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(epfd)
+
+	var ctlErr error
+	if err := raw.Control(func(fd uintptr) {
+		ev := unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLET, Fd: int32(fd)}
+		ctlErr = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
+	}); err != nil {
+		return err
+	}
+	if ctlErr != nil {
+		return ctlErr
+	}
+
+	deadline := time.Now().Add(timeout)
+	events := make([]unix.EpollEvent, 1)
+	for ctx.Err() == nil {
+		ms := time.Until(deadline).Milliseconds()
+		if ms <= 0 {
+			return nil
+		}
+		n, err := unix.EpollWait(epfd, events, int(ms))
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n > 0 && events[0].Events&unix.EPOLLHUP == 0 {
+			return nil
+		}
+	}
+	return nil
+}
+
 // ServeVirtioPort serves the protocol over the virtio-serial device at path
-// until ctx ends. The port is one byte stream for all host connections: when
-// the host disconnects, reads return EOF, so the agent ends the session,
-// reopens the port and waits for the next byte.
+// until ctx ends. The port is one byte stream for all host connections:
+// when the host disconnects, reads return EOF, so the agent ends the
+// session, reopens the port and waits for the next byte. While it waits,
+// the port stays open: closing it discards what the host has already
+// sent, such as the hello of a client that connected a moment before.
 func (s *Server) ServeVirtioPort(ctx context.Context, path string) error {
 	for ctx.Err() == nil {
 		f, err := os.OpenFile(path, os.O_RDWR, 0)
@@ -124,16 +190,17 @@ func (s *Server) ServeVirtioPort(ctx context.Context, path string) error {
 		}
 		first := make([]byte, 1)
 		n, err := f.Read(first)
-		if n == 0 {
-			f.Close()
+		for n == 0 && ctx.Err() == nil {
 			if err != nil && !errors.Is(err, io.EOF) {
+				f.Close()
 				return fmt.Errorf("read virtio-serial port %s: %w", path, err)
 			}
-			select {
-			case <-ctx.Done():
-			case <-time.After(disconnectedPoll):
-			}
-			continue
+			waitForHost(ctx, f, s.cfg.PollVirtioPort)
+			n, err = f.Read(first)
+		}
+		if n == 0 {
+			f.Close()
+			break
 		}
 		s.logger.Info("host connected on virtio-serial port", "port", path)
 		conn := &prefixedConn{prefix: first[:n], File: f}

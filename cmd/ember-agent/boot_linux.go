@@ -101,7 +101,10 @@ func boot(level slog.Level) {
 	reaper := guest.NewReaper(logger)
 	go reaper.Run(ctx)
 
-	srv, err := guest.NewServer(guest.Config{System: sys, Processes: reaper, Version: version, Logger: logger})
+	srv, err := guest.NewServer(guest.Config{
+		System: sys, Processes: reaper, Version: version, Logger: logger,
+		PollVirtioPort: cfg.PollVirtioPort,
+	})
 	if err != nil {
 		// Only an unopenable "/" gets here; keep reaping and wait for a
 		// power-off signal rather than panicking the kernel.

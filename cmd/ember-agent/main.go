@@ -19,6 +19,7 @@
 //	ember.rootflags=ro|rw             mount the root read-only or read-write
 //	ember.agent_port=1024             vsock port
 //	ember.hostname=NAME               host name, used instead of the one in ip=
+//	ember.serial_wait=epoll|poll      how to wait for the host on virtio-serial
 //	ip=<client-ip>::<gw-ip>:<netmask>:<hostname>:<device>:off[:<dns0>[:<dns1>]]
 //
 // Outside a VM it can serve one Unix socket for manual tests:

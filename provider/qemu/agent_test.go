@@ -4,15 +4,17 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"github.com/embervm/ember/image"
+	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/embervm/ember/agent"
+	"github.com/embervm/ember/image"
 	"github.com/embervm/ember/vm"
 )
 
@@ -242,4 +244,55 @@ func BenchmarkAgent(b *testing.B) {
 	b.ReportMetric(ms(median(execRTT)), "exec-rtt-ms")
 	b.ReportMetric(float64(median(boot))/float64(median(restore)), "boot/restore")
 	b.Logf("accelerator %s, %d MiB guest, %d iterations", p.Accel(), testMemMiB, len(boot))
+}
+
+// BenchmarkAgentReconnect measures, side by side in one run, how long a new
+// agent connection takes to complete the handshake and a health request
+// when the agent waits for the host with epoll (the default) and when it
+// polls the virtio-serial port every 50 ms (ember.serial_wait=poll). The
+// connections arrive at pseudo-random times, as new tenants do, so the
+// poll's phase is spread evenly.
+//
+//	EMBER_TEST_BUNDLE=<bundle> go test -run '^$' -bench AgentReconnect -benchtime 40x ./provider/qemu/
+func BenchmarkAgentReconnect(b *testing.B) {
+	p := newTestProvider(b, Options{})
+	ctx := context.Background()
+	modes := []struct{ id, args string }{{"rc-epoll", ""}, {"rc-poll", " ember.serial_wait=poll"}}
+	for _, m := range modes {
+		cfg := agentConfig(b, m.id)
+		cfg.BootArgs += m.args
+		if _, err := p.Create(ctx, cfg); err != nil {
+			b.Fatal(err)
+		}
+		if err := p.Start(ctx, m.id); err != nil {
+			b.Fatal(err)
+		}
+		mustDialAgent(b, p, m.id).Close()
+	}
+	opts := &agent.Options{RetryInterval: time.Millisecond, HelloInterval: 100 * time.Millisecond}
+	gaps := rand.New(rand.NewPCG(1, 2))
+	times := make([][]time.Duration, len(modes))
+	for b.Loop() {
+		for i, m := range modes {
+			time.Sleep(time.Duration(gaps.Int64N(int64(100 * time.Millisecond))))
+			start := time.Now()
+			dial := func(ctx context.Context) (net.Conn, error) { return p.DialAgent(ctx, m.id) }
+			c, err := agent.Dial(ctx, dial, opts)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Health(ctx); err != nil {
+				b.Fatal(err)
+			}
+			times[i] = append(times[i], time.Since(start))
+			c.Close()
+		}
+	}
+	b.ReportMetric(0, "ns/op")
+	for i, m := range modes {
+		slices.Sort(times[i])
+		b.ReportMetric(ms(median(times[i])), strings.TrimPrefix(m.id, "rc-")+"-p50-ms")
+		b.ReportMetric(ms(times[i][len(times[i])*9/10]), strings.TrimPrefix(m.id, "rc-")+"-p90-ms")
+	}
+	b.ReportMetric(float64(median(times[1]))/float64(median(times[0])), "poll/epoll-p50")
 }
