@@ -49,7 +49,12 @@ func TestDecodeSpecRejects(t *testing.T) {
 	}{
 		{"unknown field", `{"vcpus": 2}`, `vcpus: unknown field, did you mean "vcpu_count"?`},
 		{"nested unknown field", `{"vsock": {"cid": 3}}`, `vsock.cid: unknown field, did you mean "guest_cid"?`},
-		{"wrong type", `{"vcpu_count": "two"}`, "cannot unmarshal string"},
+		{"wrong type", `{"vcpu_count": "two"}`, "vcpu_count: got a string, want an integer"},
+		{"nested wrong type", `{"network_interfaces": [{"mtu": "big"}]}`, "network_interfaces[0].mtu: got a string, want an integer"},
+		{"negative unsigned", `{"vsock": {"guest_cid": -1}}`, "vsock.guest_cid: got number -1, want an integer of 0 or more"},
+		{"unsigned too large", `{"vsock": {"guest_cid": 4294967296}}`, "vsock.guest_cid: got number 4294967296, want an integer from 0 to 4294967295"},
+		{"fraction", `{"mem_size_mib": 1.5}`, "mem_size_mib: got number 1.5, want an integer"},
+		{"not a mapping", "- 1\n", "decode spec: got an array, want a mapping of fields"},
 		{"trailing data", `{"vcpu_count": 1} {"vcpu_count": 2}`, "unexpected data after the spec"},
 		{"bad yaml", "kernel: [", "decode spec"},
 	}
@@ -59,6 +64,41 @@ func TestDecodeSpecRejects(t *testing.T) {
 			t.Errorf("%s: err = %v, want it to contain %q", tc.name, err, tc.want)
 		}
 	}
+}
+
+// checkProblems fails the test unless ve lists exactly want, in order.
+func checkProblems(t *testing.T, ve *ValidationError, want []FieldError) {
+	t.Helper()
+	if len(ve.Problems) != len(want) {
+		t.Fatalf("problems = %v, want %v", ve.Problems, want)
+	}
+	for i := range want {
+		if ve.Problems[i] != want[i] {
+			t.Errorf("problem %d = %v, want %v", i, ve.Problems[i], want[i])
+		}
+	}
+}
+
+func TestDecodeSpecListsEveryKindOfProblem(t *testing.T) {
+	doc := `
+vcpuz: 1
+rootfs_read_only: 3
+vcpu_count: 99
+vsock: {guest_cid: -1, uds_path: /v.sock}
+`
+	_, err := DecodeSpec([]byte(doc))
+	var ve *ValidationError
+	if !errors.As(err, &ve) {
+		t.Fatalf("err = %v, want *ValidationError", err)
+	}
+	// The mistyped guest_cid is not reported again as out of range.
+	want := []FieldError{
+		{"rootfs_read_only", "got number 3, want true or false"},
+		{"vcpuz", `unknown field, did you mean "vcpu_count"?`},
+		{"vsock.guest_cid", "got number -1, want an integer of 0 or more"},
+		{"vcpu_count", "99 is invalid, must be 1–32"},
+	}
+	checkProblems(t, ve, want)
 }
 
 func TestDecodeSpecListsUnknownFields(t *testing.T) {
@@ -87,14 +127,7 @@ restore_from: {vm_id: a, snapshot_id: b, network_overrides: [{iface_id: eth0, ta
 		{"network_interfaces[1].rx_rate_limiter.bandwith", `unknown field, did you mean "bandwidth"?`},
 		{"restore_from.network_overrides[0].tap", "unknown field"},
 	}
-	if len(ve.Problems) != len(want) {
-		t.Fatalf("problems = %v, want %v", ve.Problems, want)
-	}
-	for i := range want {
-		if ve.Problems[i] != want[i] {
-			t.Errorf("problem %d = %v, want %v", i, ve.Problems[i], want[i])
-		}
-	}
+	checkProblems(t, ve, want)
 }
 
 func TestEditDistance(t *testing.T) {

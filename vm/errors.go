@@ -58,7 +58,7 @@ type UnsupportedError struct {
 
 func (e *UnsupportedError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s is not supported by %s", e.Feature, e.Backend)
+	fmt.Fprintf(&b, "%s: not supported by %s", e.Feature, e.Backend)
 	if e.Version != "" {
 		fmt.Fprintf(&b, " %s", e.Version)
 	}
@@ -114,3 +114,29 @@ func (e *ValidationError) Error() string {
 }
 
 func (e *ValidationError) Is(target error) bool { return target == ErrInvalid }
+
+// JoinProblems returns one [*ValidationError] with the problems of every
+// *ValidationError in errs, in order, or nil when errs holds only nils.
+// Any other error is returned joined with it.
+func JoinProblems(errs ...error) error {
+	var problems []FieldError
+	var others []error
+	for _, err := range errs {
+		var ve *ValidationError
+		switch {
+		case err == nil:
+		case errors.As(err, &ve):
+			problems = append(problems, ve.Problems...)
+		default:
+			others = append(others, err)
+		}
+	}
+	if len(problems) == 0 {
+		return errors.Join(others...)
+	}
+	ve := &ValidationError{Problems: problems}
+	if len(others) == 0 {
+		return ve
+	}
+	return errors.Join(append(others, ve)...)
+}

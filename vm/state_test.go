@@ -73,7 +73,7 @@ func TestTypedErrors(t *testing.T) {
 	if !errors.Is(ue, ErrUnsupported) {
 		t.Error("UnsupportedError does not match ErrUnsupported")
 	}
-	if got, want := ue.Error(), "network_overrides is not supported by firecracker 1.10.1 (needs 1.12.0 or later)"; got != want {
+	if got, want := ue.Error(), "network_overrides: not supported by firecracker 1.10.1 (needs 1.12.0 or later)"; got != want {
 		t.Errorf("UnsupportedError = %q, want %q", got, want)
 	}
 	ae := &APIError{Method: "PUT", Path: "/snapshot/load", StatusCode: 400, FaultMessage: "unknown field `x`"}

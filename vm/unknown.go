@@ -4,18 +4,20 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"math"
 	"reflect"
 	"slices"
 	"strconv"
 	"strings"
 )
 
-// unknownFields returns a problem for every key in the JSON document js
-// that has no field in a Spec, with its field path and, when a defined
-// field has a similar name, that name as a suggestion. encoding/json
-// stops at the first unknown key, and a spec author wants them all. Keys
-// match field names without regard to case, as encoding/json does.
-func unknownFields(js []byte) []FieldError {
+// fieldProblems returns a problem, with its field path, for every key in
+// the JSON document js that has no field in a Spec and for every value of
+// the wrong type. An unknown key's problem names the defined field with
+// the most similar name, if one is close. encoding/json stops at the first unknown key and
+// reports only the first wrong type, and a spec author wants them all.
+// Keys match field names without regard to case, as encoding/json does.
+func fieldProblems(js []byte) []FieldError {
 	var doc any
 	if err := json.Unmarshal(js, &doc); err != nil {
 		return nil
@@ -25,16 +27,87 @@ func unknownFields(js []byte) []FieldError {
 	return problems
 }
 
+// wrongType returns what t needs when the decoded JSON value v cannot be
+// decoded into it, and "" when it can.
+func wrongType(v any, t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		lo, hi := -math.Pow(2, float64(t.Bits()-1)), math.Pow(2, float64(t.Bits()-1))
+		if n, ok := v.(float64); !ok || n != math.Trunc(n) || n < lo || n >= hi {
+			if ok && n == math.Trunc(n) {
+				return fmt.Sprintf("an integer from %.0f to %.0f", lo, hi-1)
+			}
+			return "an integer"
+		}
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		hi := math.Pow(2, float64(t.Bits()))
+		if n, ok := v.(float64); !ok || n != math.Trunc(n) || n < 0 || n >= hi {
+			if ok && n >= hi && n == math.Trunc(n) {
+				return fmt.Sprintf("an integer from 0 to %.0f", hi-1)
+			}
+			return "an integer of 0 or more"
+		}
+	case reflect.Float32, reflect.Float64:
+		if _, ok := v.(float64); !ok {
+			return "a number"
+		}
+	case reflect.Bool:
+		if _, ok := v.(bool); !ok {
+			return "true or false"
+		}
+	case reflect.String:
+		if _, ok := v.(string); !ok {
+			return "a string"
+		}
+	case reflect.Slice, reflect.Array:
+		if _, ok := v.([]any); !ok {
+			return "a list"
+		}
+	case reflect.Struct, reflect.Map:
+		if _, ok := v.(map[string]any); !ok {
+			return "a mapping of fields"
+		}
+	}
+	return ""
+}
+
+// describeJSON names a decoded JSON value for a problem message: its kind,
+// and a number's value.
+func describeJSON(v any) string {
+	switch v := v.(type) {
+	case float64:
+		format := byte('f')
+		if math.Abs(v) >= 1e21 {
+			format = 'g'
+		}
+		return "number " + strconv.FormatFloat(v, format, -1, 64)
+	case string:
+		return "a string"
+	case bool:
+		return "a bool"
+	case []any:
+		return "a list"
+	case map[string]any:
+		return "a mapping"
+	}
+	return fmt.Sprintf("%T", v)
+}
+
 var jsonUnmarshaler = reflect.TypeFor[json.Unmarshaler]()
 
 // walkUnknown checks the decoded JSON value v against the Go type t and
-// appends a problem for each object key that t does not define. Values of
-// the wrong JSON type are skipped, because the decoder reports those.
+// appends a problem for each object key that t does not define and for
+// each value of the wrong type. A JSON null is never wrong: encoding/json
+// leaves the field unset.
 func walkUnknown(path string, v any, t reflect.Type, problems *[]FieldError) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
-	if reflect.PointerTo(t).Implements(jsonUnmarshaler) {
+	if v == nil || reflect.PointerTo(t).Implements(jsonUnmarshaler) {
+		return
+	}
+	if want := wrongType(v, t); want != "" && path != "" {
+		*problems = append(*problems, FieldError{Field: path, Problem: fmt.Sprintf("got %s, want %s", describeJSON(v), want)})
 		return
 	}
 	switch t.Kind() {

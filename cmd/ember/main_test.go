@@ -100,6 +100,14 @@ func TestSpecValidateUnreadable(t *testing.T) {
 			t.Errorf("unknown fields: stderr lacks %q:\n%s", want, stderr)
 		}
 	}
+	path = writeTemp(t, "mistyped.yaml", "mem_size_mib: lots\n")
+	_, stderr, code = runCLI(t, nil, "spec", "validate", path)
+	if code != exitFailure {
+		t.Errorf("mistyped value: exit %d, want %d", code, exitFailure)
+	}
+	if want := "1 problem\n  mem_size_mib: got a string, want an integer\n"; !strings.Contains(stderr, want) {
+		t.Errorf("mistyped value: stderr %q lacks %q", stderr, want)
+	}
 }
 
 func TestConfigShowSources(t *testing.T) {

@@ -289,7 +289,7 @@ func TestSnapshotFlattenFirecracker(t *testing.T) {
 func TestSnapshotFlattenUnsupportedBackend(t *testing.T) {
 	env := seedChain(t, "qemu")
 	_, stderr, code := runCLI(t, env, "snapshot", "flatten", "web-1/d1", "flat")
-	if code != exitFailure || !strings.Contains(stderr, "diff snapshot merge is not supported by qemu") {
+	if code != exitFailure || !strings.Contains(stderr, "diff snapshot merge: not supported by qemu") {
 		t.Fatalf("flatten: exit %d stderr %q", code, stderr)
 	}
 	if _, _, code := runCLI(t, env, "snapshot", "inspect", "web-1/flat"); code == exitOK {

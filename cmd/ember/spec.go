@@ -35,16 +35,11 @@ func loadSpec(path string) (vm.Spec, error) {
 	if err != nil {
 		return vm.Spec{}, fmt.Errorf("read spec: %w", err)
 	}
-	s, err := vm.ParseSpec(data)
-	if err != nil {
-		return vm.Spec{}, err
-	}
 	dir, err := filepath.Abs(filepath.Dir(path))
 	if err != nil {
 		return vm.Spec{}, fmt.Errorf("read spec: %w", err)
 	}
-	s.ResolvePaths(dir)
-	return s, vm.ValidateSpec(&s)
+	return vm.DecodeSpecIn(data, dir)
 }
 
 type specReport struct {
@@ -75,7 +70,11 @@ func (a *app) reportSpec(path string, err error) error {
 		return nil
 	}
 	if isValidation {
-		fmt.Fprintf(a.stderr, "%s: %d problems\n", path, len(ve.Problems))
+		noun := "problems"
+		if len(ve.Problems) == 1 {
+			noun = "problem"
+		}
+		fmt.Fprintf(a.stderr, "%s: %d %s\n", path, len(ve.Problems), noun)
 		for _, p := range ve.Problems {
 			fmt.Fprintf(a.stderr, "  %s\n", p)
 		}

@@ -259,10 +259,21 @@ func (a *app) vmSnapshotCommand(f *vmFlags) *cobra.Command {
 				if err != nil {
 					return err
 				}
+				paused := false
 				if info.State == vm.StateRunning {
 					if err := p.Pause(ctx, args[0]); err != nil {
 						return err
 					}
+					paused = true
+				}
+				// A VM this command paused runs again on every path, and
+				// stays paused only after a snapshot with --leave-paused.
+				resume := func() error {
+					if err := p.Resume(ctx, args[0]); err != nil {
+						return err
+					}
+					a.syncGuest(ctx, p, args[0], "", sync)
+					return nil
 				}
 				opts := vm.SnapshotOptions{ID: args[1], Type: vm.SnapshotFull}
 				if diff {
@@ -270,17 +281,19 @@ func (a *app) vmSnapshotCommand(f *vmFlags) *cobra.Command {
 				}
 				snap, err := p.Snapshot(ctx, args[0], opts)
 				if err != nil {
+					if paused {
+						err = errors.Join(err, resume())
+					}
 					return err
 				}
 				m, err := a.recordSnapshot(ctx, p, snap, info.Config)
+				if paused && !leavePaused {
+					if rerr := resume(); rerr != nil {
+						return errors.Join(err, rerr)
+					}
+				}
 				if err != nil {
 					return err
-				}
-				if info.State == vm.StateRunning && !leavePaused {
-					if err := p.Resume(ctx, args[0]); err != nil {
-						return err
-					}
-					a.syncGuest(ctx, p, args[0], "", sync)
 				}
 				if a.jsonOutput() {
 					return a.writeJSON(m)

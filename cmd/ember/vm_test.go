@@ -103,6 +103,18 @@ func TestVMCommandsOnRealGuest(t *testing.T) {
 	if _, err := os.Stat(backendCopy); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("snapshot rm left the backend's copy: %v", err)
 	}
+	// A snapshot that fails leaves the VM running, as it found it.
+	_, stderr, code := runCLI(t, env, "vm", "snapshot", "cli-a", "d1", "--diff")
+	if code != exitFailure || !strings.Contains(stderr, "diff snapshots: not supported by qemu") {
+		t.Errorf("diff snapshot on qemu: exit %d stderr %q", code, stderr)
+	}
+	var after vm.Info
+	if err := json.Unmarshal([]byte(mustRun(t, env, exitOK, "vm", "inspect", "cli-a")), &after); err != nil {
+		t.Fatal(err)
+	}
+	if after.State != vm.StateRunning {
+		t.Errorf("after a failed snapshot the VM is %s, want running", after.State)
+	}
 	// The guest clock does not move in a snapshot or during a pause.
 	// Restore and resume set it, so the guest is not behind the host time
 	// taken before either command, a gap of some seconds otherwise.
@@ -125,7 +137,7 @@ func TestVMCommandsOnRealGuest(t *testing.T) {
 	// An agent that does not reply in time leaves the VM running, with a
 	// warning.
 	mustRun(t, env, exitOK, "vm", "pause", "cli-c")
-	_, stderr, code := runCLI(t, env, "vm", "resume", "cli-c", "--agent-timeout", "1ns")
+	_, stderr, code = runCLI(t, env, "vm", "resume", "cli-c", "--agent-timeout", "1ns")
 	if code != exitOK {
 		t.Errorf("resume with a timed-out agent: exit %d, want %d", code, exitOK)
 	}
