@@ -192,18 +192,63 @@ func Load(path string, environ []string) (*Loaded, error) {
 	for _, k := range keys {
 		l.Sources[k.name] = Source{Kind: "default"}
 	}
+	// Unknown keys do not stop loading, so that one error lists them
+	// together with the problems of the known keys.
+	var unknown error
 	if path != "" {
-		if err := l.loadFile(path); err != nil {
+		if err := l.loadFile(path); errors.As(err, new(*UnknownKeysError)) {
+			unknown = err
+		} else if err != nil {
 			return nil, err
 		}
 	}
 	if err := l.applyEnv(environ); err != nil {
-		return nil, err
+		return nil, errors.Join(unknown, err)
 	}
-	if err := l.validate(); err != nil {
+	if err := errors.Join(unknown, l.validate()); err != nil {
 		return nil, err
 	}
 	return l, nil
+}
+
+// UnknownKeysError lists the keys of a configuration file that this
+// version does not know, each with the known key it most likely meant.
+type UnknownKeysError struct {
+	Path string
+	// Keys are the unknown keys, and Suggestions the known key for each,
+	// or "" where none is close.
+	Keys        []string
+	Suggestions []string
+}
+
+func (e *UnknownKeysError) Error() string {
+	parts := make([]string, len(e.Keys))
+	for i, k := range e.Keys {
+		parts[i] = k
+		if s := e.Suggestions[i]; s != "" {
+			parts[i] += fmt.Sprintf(" (did you mean %s?)", s)
+		}
+	}
+	return fmt.Sprintf("load config %s: unknown keys: %s", e.Path, strings.Join(parts, ", "))
+}
+
+// suggestKey returns the known key that the unknown key most likely meant:
+// a key of the same table with a similar last part.
+func suggestKey(unknown string) string {
+	table, leaf := "", unknown
+	if i := strings.LastIndex(unknown, "."); i >= 0 {
+		table, leaf = unknown[:i+1], unknown[i+1:]
+	}
+	var leaves []string
+	for _, k := range keys {
+		if rest, ok := strings.CutPrefix(k.name, table); ok && !strings.Contains(rest, ".") {
+			leaves = append(leaves, rest)
+		}
+	}
+	if s := vm.SuggestName(leaf, leaves); s != "" {
+		return table + s
+	}
+	return ""
 }
 
 // Validate reads the file at path alone, without environment overrides,
@@ -226,13 +271,6 @@ func (l *Loaded) loadFile(path string) error {
 		}
 		return fmt.Errorf("load config %s: %w", path, err)
 	}
-	if undecoded := meta.Undecoded(); len(undecoded) > 0 {
-		names := make([]string, len(undecoded))
-		for i, k := range undecoded {
-			names[i] = k.String()
-		}
-		return fmt.Errorf("load config %s: unknown keys: %s", path, strings.Join(names, ", "))
-	}
 	if !meta.IsDefined("version") {
 		return fmt.Errorf("load config %s: version: missing, add `version = %d` as the first line", path, Version)
 	}
@@ -246,6 +284,14 @@ func (l *Loaded) loadFile(path string) error {
 		if strings.HasPrefix(k.String(), "defaults.rootfs_rate_limit") {
 			l.Sources["defaults.rootfs_rate_limit"] = Source{Kind: "file", Detail: path}
 		}
+	}
+	if undecoded := meta.Undecoded(); len(undecoded) > 0 {
+		e := &UnknownKeysError{Path: path}
+		for _, k := range undecoded {
+			e.Keys = append(e.Keys, k.String())
+			e.Suggestions = append(e.Suggestions, suggestKey(k.String()))
+		}
+		return e
 	}
 	return nil
 }
@@ -345,6 +391,17 @@ func Keys() []string {
 		out[i] = k.name
 	}
 	return out
+}
+
+// EnvOverride returns the environment variable that overrides key, and
+// false for a key without one, such as version.
+func EnvOverride(key string) (string, bool) {
+	for _, k := range keys {
+		if k.name == key && k.set != nil {
+			return k.env(), true
+		}
+	}
+	return "", false
 }
 
 // EnvName returns the environment variable that overrides key.

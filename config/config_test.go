@@ -73,14 +73,33 @@ refill_time = 1000
 	}
 }
 
+func TestUnknownKeySuggestions(t *testing.T) {
+	cases := []struct{ key, want string }{
+		{"bakend", "backend"},
+		{"qemu.accelerator", "qemu.accel"},
+		{"defaults.mem_size_mb", "defaults.mem_size_mib"},
+		{"qemu.zzz", ""},
+		{"defaultz.kernel", ""},
+		// A key of another table is not suggested.
+		{"qemu.kernel", ""},
+	}
+	for _, tc := range cases {
+		if got := suggestKey(tc.key); got != tc.want {
+			t.Errorf("suggestKey(%q) = %q, want %q", tc.key, got, tc.want)
+		}
+	}
+}
+
 func TestLoadRejects(t *testing.T) {
 	cases := []struct {
 		name, file string
 		env        []string
 		want       string
 	}{
-		{"unknown key", "version = 1\nbakend = \"qemu\"\n", nil, "unknown keys: bakend"},
-		{"unknown nested key", "version = 1\n[qemu]\naccelerator = \"tcg\"\n", nil, "unknown keys: qemu.accelerator"},
+		{"unknown key", "version = 1\nbakend = \"qemu\"\n", nil, "unknown keys: bakend (did you mean backend?)"},
+		{"unknown nested key", "version = 1\n[qemu]\naccelerator = \"tcg\"\n", nil, "unknown keys: qemu.accelerator (did you mean qemu.accel?)"},
+		{"unknown key and a bad value", "version = 1\n[defaults]\nmem_size_mb = 128\nvcpu_count = 64\n", nil,
+			"unknown keys: defaults.mem_size_mb (did you mean defaults.mem_size_mib?)\nconfig defaults.vcpu_count (from file "},
 		{"missing version", "backend = \"qemu\"\n", nil, "version: missing, add `version = 1`"},
 		{"future version", "version = 2\n", nil, `config version = "2" (from file `},
 		{"wrong type", "version = 1\n[defaults]\nvcpu_count = \"two\"\n", nil, "vcpu_count"},

@@ -58,6 +58,18 @@ func (s *Store) Check(ctx context.Context, vmID, id string, t Target) (Manifest,
 	return m, nil
 }
 
+// ErrDamaged means a snapshot's files differ from its manifest: missing,
+// of another size, or, in a full check, with other contents. It also
+// matches vm.ErrSnapshotIncompatible, because such a snapshot cannot be
+// restored.
+var ErrDamaged error = damagedError{}
+
+type damagedError struct{}
+
+func (damagedError) Error() string { return "snapshot files damaged" }
+
+func (damagedError) Is(target error) bool { return target == vm.ErrSnapshotIncompatible }
+
 // Verify checks the files of one snapshot: sizes, and digests when full is
 // set.
 func (s *Store) Verify(ctx context.Context, vmID, id string, full bool) error {
@@ -96,7 +108,7 @@ func verifyFiles(ctx context.Context, m Manifest, full bool) error {
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("verify snapshot %s/%s: %w: %w", m.VMID, m.ID, vm.ErrSnapshotIncompatible, err)
+		return fmt.Errorf("verify snapshot %s/%s: %w: %w", m.VMID, m.ID, ErrDamaged, err)
 	}
 	return nil
 }

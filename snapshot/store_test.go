@@ -157,6 +157,9 @@ func TestCheckDetectsDamagedFiles(t *testing.T) {
 	if !errors.Is(err, vm.ErrSnapshotIncompatible) || !strings.Contains(err.Error(), "has sha256") {
 		t.Fatalf("full check: err = %v", err)
 	}
+	if !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), "snapshot files damaged") {
+		t.Errorf("full check: err = %v, want ErrDamaged", err)
+	}
 
 	if err := os.Truncate(mem.Path, 3); err != nil {
 		t.Fatal(err)

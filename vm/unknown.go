@@ -194,22 +194,32 @@ func joinFieldPath(path, key string) string {
 	return path + "." + key
 }
 
-// maxSuggestKey is the longest key that unknownFieldProblem compares with
-// the defined names. No field name comes near it.
+// maxSuggestKey is the longest key that SuggestName compares with the
+// names. No field or key name comes near it.
 const maxSuggestKey = 64
 
 // unknownFieldProblem describes an unknown key, naming the closest defined
-// field when there is one. A field that has the key as one of its
-// underscore-separated words is closest ("mac" for "guest_mac"), then one
-// a few edits away (about one edit per three bytes) or sharing its first
-// four characters with the key.
+// field when there is one.
 func unknownFieldProblem(key string, fields map[string]reflect.Type) string {
+	if best := SuggestName(key, slices.Sorted(maps.Keys(fields))); best != "" {
+		return fmt.Sprintf("unknown field, did you mean %q?", best)
+	}
+	return "unknown field"
+}
+
+// SuggestName returns the name in names that a misspelled key most likely
+// meant, for a "did you mean" hint, or "" when none is close. A name that
+// has the key as one of its underscore-separated words is closest ("mac"
+// for "guest_mac"), then one a few edits away (about one edit per three
+// bytes) or sharing its first four characters with the key. Ties go to
+// the earlier name.
+func SuggestName(key string, names []string) string {
 	if len(key) > maxSuggestKey {
-		return "unknown field"
+		return ""
 	}
 	lower := strings.ToLower(key)
 	best, bestScore := "", -1
-	for _, name := range slices.Sorted(maps.Keys(fields)) {
+	for _, name := range names {
 		score := -1
 		if slices.Contains(strings.Split(name, "_"), lower) {
 			score = 0
@@ -221,10 +231,7 @@ func unknownFieldProblem(key string, fields map[string]reflect.Type) string {
 			best, bestScore = name, score
 		}
 	}
-	if best == "" {
-		return "unknown field"
-	}
-	return fmt.Sprintf("unknown field, did you mean %q?", best)
+	return best
 }
 
 // editDistance returns the Levenshtein distance between a and b, counted

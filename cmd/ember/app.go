@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -76,9 +77,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ [
 		fmt.Fprintf(stderr, "ember: %v\nRun '%s --help' for usage.\n", err, path)
 		return exitUsage
 	default:
-		fmt.Fprintf(stderr, "ember: %v\n", err)
+		printError(stderr, err)
 		return exitFailure
 	}
+}
+
+// printError writes err to w after the "ember: " prefix, with each error
+// that errors.Join combined on lines of its own, so that a command that
+// failed for several VMs or snapshots shows one prefixed line each.
+func printError(w io.Writer, err error) {
+	if joined, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range joined.Unwrap() {
+			printError(w, e)
+		}
+		return
+	}
+	fmt.Fprintf(w, "ember: %v\n", err)
 }
 
 func (a *app) rootCommand() *cobra.Command {
@@ -155,13 +169,35 @@ func (a *app) writeJSON(v any) error {
 	return enc.Encode(v)
 }
 
-// exactArgs is cobra.ExactArgs with usage-error classification.
+// exactArgs is cobra.ExactArgs with usage-error classification and a
+// message that names the arguments from the command's Use line, such as
+// "missing NEW-ID" for "restore VM/SNAPSHOT NEW-ID".
 func exactArgs(n int) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
-		if err := cobra.ExactArgs(n)(cmd, args); err != nil {
-			return usageError{err}
+		if len(args) == n {
+			return nil
 		}
-		return nil
+		var names []string
+		afterFlag := false
+		for _, w := range strings.Fields(cmd.Use)[1:] {
+			switch {
+			case strings.HasPrefix(w, "-"):
+				afterFlag = true
+			case afterFlag:
+				afterFlag = false // the flag's value
+			case !strings.HasPrefix(w, "["):
+				names = append(names, w)
+			}
+		}
+		switch {
+		case len(names) != n:
+			return usageError{cobra.ExactArgs(n)(cmd, args)}
+		case len(args) < n:
+			return usageError{fmt.Errorf("missing %s", strings.Join(names[len(args):], " and "))}
+		case n == 0:
+			return usageError{fmt.Errorf("%s takes no arguments, got %q", cmd.Name(), args)}
+		}
+		return usageError{fmt.Errorf("%s takes %s, got %d arguments: %q", cmd.Name(), strings.Join(names, " "), len(args), args)}
 	}
 }
 

@@ -65,14 +65,17 @@ type configEntry struct {
 	Key    string        `json:"key"`
 	Value  string        `json:"value"`
 	Source config.Source `json:"source"`
-	Env    string        `json:"env"`
+	// Env is the variable that overrides the key; empty for keys without
+	// an environment override.
+	Env string `json:"env,omitempty"`
 }
 
 func (a *app) showConfig(l *config.Loaded) error {
 	entries := make([]configEntry, 0, len(config.Keys()))
 	for _, k := range config.Keys() {
 		v, _ := l.Value(k)
-		entries = append(entries, configEntry{Key: k, Value: v, Source: l.Sources[k], Env: config.EnvName(k)})
+		env, _ := config.EnvOverride(k)
+		entries = append(entries, configEntry{Key: k, Value: v, Source: l.Sources[k], Env: env})
 	}
 	bundle, bundleErr := applyBundleDefaults(l.Config, entries)
 	if a.jsonOutput() {

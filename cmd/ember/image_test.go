@@ -97,7 +97,7 @@ func TestImageBuildErrors(t *testing.T) {
 	}{
 		{"missing agent", []string{"image", "build", "--dir", filepath.Join(tmp, "b1"), "--kernel", notKernel, "--agent", filepath.Join(tmp, "none")}, exitFailure, "ember-agent binary not found"},
 		{"not a kernel", []string{"image", "build", "--dir", filepath.Join(tmp, "b2"), "--kernel", notKernel, "--agent", agent, "--rootfs-dir", tmp}, exitFailure, "not a vmlinux (ELF), bzImage"},
-		{"extra argument", []string{"image", "build", "extra"}, exitUsage, "accepts 0 arg"},
+		{"extra argument", []string{"image", "build", "extra"}, exitUsage, "build takes no arguments"},
 		{"unknown flag", []string{"image", "build", "--kernal", "x"}, exitUsage, "unknown flag"},
 	}
 	for _, tt := range tests {

@@ -136,6 +136,12 @@ func TestConfigShowSources(t *testing.T) {
 	if e := got["backend"]; e.Source.Kind != "default" {
 		t.Errorf("backend entry = %+v", e)
 	}
+	// Keys without an environment override name no variable.
+	for _, k := range []string{"version", "defaults.rootfs_rate_limit"} {
+		if e := got[k]; e.Env != "" {
+			t.Errorf("%s entry names the variable %q, which does not override it", k, e.Env)
+		}
+	}
 }
 
 func TestConfigShowBundleDefaults(t *testing.T) {
@@ -237,7 +243,10 @@ func TestUsageErrors(t *testing.T) {
 	}{
 		{[]string{"bogus"}, `unknown command "bogus"`, "ember"},
 		{[]string{"config", "bogus"}, `unknown command "bogus" for "ember config"`, "ember config"},
-		{[]string{"spec", "validate"}, "accepts 1 arg(s)", "ember spec validate"},
+		{[]string{"spec", "validate"}, "missing FILE", "ember spec validate"},
+		{[]string{"vm", "restore", "a/b"}, "missing NEW-ID", "ember vm restore"},
+		{[]string{"vm", "start", "a", "b"}, `start takes ID, got 2 arguments: ["a" "b"]`, "ember vm start"},
+		{[]string{"version", "x"}, `version takes no arguments, got ["x"]`, "ember version"},
 		{[]string{"--output", "yaml", "version"}, `--output "yaml" is invalid`, "ember version"},
 		{[]string{"version", "--no-such-flag"}, "unknown flag: --no-such-flag", "ember version"},
 		{[]string{"vm", "create", "a", "--vcpus", "two"}, `--vcpus "two" is invalid, want a whole number`, "ember vm create"},

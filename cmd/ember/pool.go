@@ -51,6 +51,10 @@ func (e *poolEntry) bucket() pool.BucketConfig {
 	}
 }
 
+// errPoolNotFound means no pool of that name is recorded in the state
+// directory.
+var errPoolNotFound = errors.New("pool not found")
+
 type poolFlags struct {
 	backend         string
 	snapshot        string
@@ -318,7 +322,7 @@ func (a *app) poolAcquire(ctx context.Context, name, tenant string, f poolFlags)
 	return a.withPoolState(func(st *poolState) error {
 		e, ok := st.Pools[name]
 		if !ok {
-			return fmt.Errorf("pool %s: %w", name, pool.ErrUnknownBucket)
+			return fmt.Errorf("%w: %s (ember pool ls lists the pools)", errPoolNotFound, name)
 		}
 		entries := map[string]*poolEntry{name: e}
 		pl, p, err := a.openPool(ctx, e.Backend, entries)
@@ -349,19 +353,29 @@ func (a *app) poolList(ctx context.Context, f poolFlags) error {
 			names = append(names, n)
 		}
 		sort.Strings(names)
+		// The listing has one row per pool, in name order, with the
+		// maximum depth in effect (a recorded 0 means the minimum).
+		type row struct {
+			Name string `json:"name"`
+			poolEntry
+			Ready int `json:"ready"`
+		}
+		rows := make([]row, 0, len(names))
+		for _, n := range names {
+			r := row{Name: n, poolEntry: *st.Pools[n], Ready: len(st.Pools[n].Entries)}
+			if r.MaxDepth == 0 {
+				r.MaxDepth = r.MinDepth
+			}
+			rows = append(rows, r)
+		}
 		if a.jsonOutput() {
-			return a.writeJSON(st.Pools)
+			return a.writeJSON(rows)
 		}
 		tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "POOL\tSNAPSHOT\tSHAPE\tREADY\tMIN\tMAX\tBACKEND")
-		for _, n := range names {
-			e := st.Pools[n]
-			max := e.MaxDepth
-			if max == 0 {
-				max = e.MinDepth
-			}
-			fmt.Fprintf(tw, "%s\t%s/%s\t%dc/%dMiB\t%d\t%d\t%d\t%s\n", n, e.Snapshot.VMID, e.Snapshot.SnapshotID,
-				e.Key.VCPUCount, e.Key.MemSizeMiB, len(e.Entries), e.MinDepth, max, e.Backend)
+		for _, r := range rows {
+			fmt.Fprintf(tw, "%s\t%s/%s\t%dc/%dMiB\t%d\t%d\t%d\t%s\n", r.Name, r.Snapshot.VMID, r.Snapshot.SnapshotID,
+				r.Key.VCPUCount, r.Key.MemSizeMiB, r.Ready, r.MinDepth, r.MaxDepth, r.Backend)
 		}
 		return tw.Flush()
 	})
@@ -371,7 +385,7 @@ func (a *app) poolRemove(ctx context.Context, name string, f poolFlags) error {
 	return a.withPoolState(func(st *poolState) error {
 		e, ok := st.Pools[name]
 		if !ok {
-			return fmt.Errorf("pool %s: %w", name, pool.ErrUnknownBucket)
+			return fmt.Errorf("%w: %s (ember pool ls lists the pools)", errPoolNotFound, name)
 		}
 		// Adopt the entries without refilling, then remove the bucket,
 		// which destroys them.

@@ -123,14 +123,13 @@ func (a *app) runDemo(ctx context.Context, f runFlags) (err error) {
 		t.VMMVersion, _ = v.VMMVersion(ctx)
 	}
 
-	defaults := bundleDefaults(cfg, dir, manifest)
 	spec := vm.Spec{}
 	if f.memMiB != 0 {
 		spec.MemSizeMiB = &f.memMiB
 	}
 	suffix := fmt.Sprintf("%04x", rand.IntN(1<<16))
 	source := "demo-" + suffix
-	vmCfg, err := vm.Resolve(source, defaults, spec)
+	vmCfg, err := vm.Resolve(source, nameGuest(bundleDefaults(cfg, dir, manifest), source), spec)
 	if err != nil {
 		return err
 	}

@@ -95,7 +95,7 @@ the ones after it are still deleted.`,
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var errs []error
-			var deleted []string
+			deleted := []string{}
 			for _, ref := range args {
 				err := a.withSnapshotRef(ref, func(s *snapshot.Store, vmID, id string) error {
 					return a.deleteSnapshot(cmd.Context(), s, vmID, id)

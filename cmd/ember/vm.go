@@ -170,12 +170,7 @@ func (a *app) resolveCreate(cmd *cobra.Command, id string, s specFlags) (vm.Conf
 		if err != nil {
 			return vm.Config{}, fmt.Errorf("guest bundle: %w (build one with 'ember image build' or set defaults.kernel)", err)
 		}
-		defaults = bundleDefaults(l.Config, bundle, m)
-		// The bundle's agent names the guest after the VM. A VM id that is
-		// not a valid host name (longer than 63 bytes) keeps the kernel's.
-		if agent.ValidateHostname(id) == nil {
-			defaults.BootArgs += " ember.hostname=" + id
-		}
+		defaults = nameGuest(bundleDefaults(l.Config, bundle, m), id)
 	}
 
 	var spec vm.Spec

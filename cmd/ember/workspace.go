@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 
+	"github.com/embervm/ember/agent"
 	"github.com/embervm/ember/config"
 	"github.com/embervm/ember/image"
 	"github.com/embervm/ember/provider/firecracker"
@@ -143,6 +144,16 @@ func bundleDefaults(cfg *config.Config, dir string, m *image.Manifest) vm.Defaul
 				d.BootArgs += " ember.rootflags=ro"
 			}
 		}
+	}
+	return d
+}
+
+// nameGuest returns d with the kernel parameter that makes the bundle's
+// agent name the guest after VM id. A VM id that is not a valid host name
+// (longer than 63 bytes) keeps the kernel's default name.
+func nameGuest(d vm.Defaults, id string) vm.Defaults {
+	if agent.ValidateHostname(id) == nil {
+		d.BootArgs += " ember.hostname=" + id
 	}
 	return d
 }
