@@ -2,6 +2,7 @@ package fsutil
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"os"
 
@@ -37,7 +38,7 @@ func CopyFile(dst, src string) (size int64, err error) {
 	}()
 
 	if unix.IoctlFileClone(int(out.Fd()), int(in.Fd())) != nil {
-		if err := copyDataRegions(out, in, st.Size()); err != nil {
+		if err := copyDataRegions(out, in); err != nil {
 			return 0, err
 		}
 		if err := out.Truncate(st.Size()); err != nil {
@@ -47,26 +48,59 @@ func CopyFile(dst, src string) (size int64, err error) {
 	return st.Size(), out.Sync()
 }
 
-// copyDataRegions copies the data regions of in (size bytes) to the same
-// offsets of out, found with SEEK_DATA and SEEK_HOLE.
-func copyDataRegions(out, in *os.File, size int64) error {
-	fd := int(in.Fd())
-	for off := int64(0); off < size; {
-		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			return nil // only a hole remains
-		}
-		if err != nil {
+// copyDataRegions copies the data regions of in to the same offsets of
+// out.
+func copyDataRegions(out, in *os.File) error {
+	extents, err := DataExtents(in)
+	if err != nil {
+		return err
+	}
+	for _, e := range extents {
+		if _, err := io.Copy(io.NewOffsetWriter(out, e.Offset), io.NewSectionReader(in, e.Offset, e.Length)); err != nil {
 			return err
 		}
-		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
-		if err != nil {
-			return err
-		}
-		if _, err := io.Copy(io.NewOffsetWriter(out, data), io.NewSectionReader(in, data, hole-data)); err != nil {
-			return err
-		}
-		off = hole
 	}
 	return nil
+}
+
+// Extent is a data region of a file: Length bytes at Offset.
+type Extent struct {
+	Offset, Length int64
+}
+
+// End returns the offset just past the extent.
+func (e Extent) End() int64 { return e.Offset + e.Length }
+
+// DataExtents returns the data regions of f in offset order, found with
+// lseek SEEK_DATA and SEEK_HOLE. It moves f's offset.
+func DataExtents(f *os.File) ([]Extent, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("find data regions of %s: %w", f.Name(), err)
+	}
+	size := fi.Size()
+	var out []Extent
+	fd := int(f.Fd())
+	for off := int64(0); off < size; {
+		start, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // only a hole remains
+		}
+		if err != nil {
+			return nil, fmt.Errorf("find data regions of %s: seek data at %d: %w", f.Name(), off, err)
+		}
+		end, err := unix.Seek(fd, start, unix.SEEK_HOLE)
+		if err != nil {
+			return nil, fmt.Errorf("find data regions of %s: seek hole at %d: %w", f.Name(), start, err)
+		}
+		if end > size {
+			end = size
+		}
+		if end <= start {
+			break
+		}
+		out = append(out, Extent{Offset: start, Length: end - start})
+		off = end
+	}
+	return out, nil
 }

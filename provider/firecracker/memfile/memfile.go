@@ -18,54 +18,16 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"syscall"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/embervm/ember/internal/fsutil"
 )
 
 // Extent is a data region of a file: Length bytes at Offset.
-type Extent struct {
-	Offset, Length int64
-}
-
-// End returns the offset just past the extent.
-func (e Extent) End() int64 { return e.Offset + e.Length }
+type Extent = fsutil.Extent
 
 // DataExtents returns the data regions of f in offset order, found with
 // lseek SEEK_DATA and SEEK_HOLE. It moves f's offset.
-func DataExtents(f *os.File) ([]Extent, error) {
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("find data regions of %s: %w", f.Name(), err)
-	}
-	size := fi.Size()
-	var out []Extent
-	fd := int(f.Fd())
-	for off := int64(0); off < size; {
-		start, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if errors.Is(err, syscall.ENXIO) {
-			break // only a hole remains
-		}
-		if err != nil {
-			return nil, fmt.Errorf("find data regions of %s: seek data at %d: %w", f.Name(), off, err)
-		}
-		end, err := unix.Seek(fd, start, unix.SEEK_HOLE)
-		if err != nil {
-			return nil, fmt.Errorf("find data regions of %s: seek hole at %d: %w", f.Name(), start, err)
-		}
-		if end > size {
-			end = size
-		}
-		if end <= start {
-			break
-		}
-		out = append(out, Extent{Offset: start, Length: end - start})
-		off = end
-	}
-	return out, nil
-}
+func DataExtents(f *os.File) ([]Extent, error) { return fsutil.DataExtents(f) }
 
 // Apply copies the data regions of the diff memory file onto dst, which
 // must already contain the diff's parent. It returns the number of bytes
