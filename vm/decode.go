@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strings"
 
@@ -141,28 +140,7 @@ func typeProblem(e *json.UnmarshalTypeError) string {
 	case "string", "number", "bool":
 		got = "a " + got
 	}
-	t := e.Type
-	for t.Kind() == reflect.Pointer {
-		t = t.Elem()
-	}
-	var want string
-	switch t.Kind() {
-	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
-		want = "an integer"
-	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
-		want = "an integer of 0 or more"
-	case reflect.Bool:
-		want = "true or false"
-	case reflect.String:
-		want = "a string"
-	case reflect.Slice, reflect.Array:
-		want = "a list"
-	case reflect.Struct, reflect.Map:
-		want = "a mapping of fields"
-	default:
-		want = t.String()
-	}
-	return fmt.Sprintf("got %s, want %s", got, want)
+	return fmt.Sprintf("got %s, want %s", got, kindWanted(e.Type))
 }
 
 // ResolvePaths makes every relative host path in s absolute by joining it

@@ -14,61 +14,81 @@ import (
 // fieldProblems returns a problem, with its field path, for every key in
 // the JSON document js that has no field in a Spec and for every value of
 // the wrong type. An unknown key's problem names the defined field with
-// the most similar name, if one is close. encoding/json stops at the first unknown key and
-// reports only the first wrong type, and a spec author wants them all.
-// Keys match field names without regard to case, as encoding/json does.
+// the most similar name, if one is close. encoding/json stops at the
+// first unknown key and reports only the first wrong type, and a spec
+// author wants them all. Keys match field names without regard to case,
+// as encoding/json does.
 func fieldProblems(js []byte) []FieldError {
 	var doc any
 	if err := json.Unmarshal(js, &doc); err != nil {
 		return nil
 	}
 	var problems []FieldError
-	walkUnknown("", doc, reflect.TypeFor[Spec](), &problems)
+	walkFields("", doc, reflect.TypeFor[Spec](), &problems)
 	return problems
 }
 
 // wrongType returns what t needs when the decoded JSON value v cannot be
 // decoded into it, and "" when it can.
 func wrongType(v any, t reflect.Type) string {
+	n, isNumber := v.(float64)
+	integral := isNumber && n == math.Trunc(n)
+	var fits bool
 	switch t.Kind() {
 	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
 		lo, hi := -math.Pow(2, float64(t.Bits()-1)), math.Pow(2, float64(t.Bits()-1))
-		if n, ok := v.(float64); !ok || n != math.Trunc(n) || n < lo || n >= hi {
-			if ok && n == math.Trunc(n) {
-				return fmt.Sprintf("an integer from %.0f to %.0f", lo, hi-1)
-			}
-			return "an integer"
+		fits = integral && n >= lo && n < hi
+		if integral && !fits {
+			return fmt.Sprintf("an integer from %.0f to %.0f", lo, hi-1)
 		}
 	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
 		hi := math.Pow(2, float64(t.Bits()))
-		if n, ok := v.(float64); !ok || n != math.Trunc(n) || n < 0 || n >= hi {
-			if ok && n >= hi && n == math.Trunc(n) {
-				return fmt.Sprintf("an integer from 0 to %.0f", hi-1)
-			}
-			return "an integer of 0 or more"
+		fits = integral && n >= 0 && n < hi
+		if integral && n >= hi {
+			return fmt.Sprintf("an integer from 0 to %.0f", hi-1)
 		}
 	case reflect.Float32, reflect.Float64:
-		if _, ok := v.(float64); !ok {
-			return "a number"
-		}
+		fits = isNumber
 	case reflect.Bool:
-		if _, ok := v.(bool); !ok {
-			return "true or false"
-		}
+		_, fits = v.(bool)
 	case reflect.String:
-		if _, ok := v.(string); !ok {
-			return "a string"
-		}
+		_, fits = v.(string)
 	case reflect.Slice, reflect.Array:
-		if _, ok := v.([]any); !ok {
-			return "a list"
-		}
+		_, fits = v.([]any)
 	case reflect.Struct, reflect.Map:
-		if _, ok := v.(map[string]any); !ok {
-			return "a mapping of fields"
-		}
+		_, fits = v.(map[string]any)
+	default:
+		fits = true
 	}
-	return ""
+	if fits {
+		return ""
+	}
+	return kindWanted(t)
+}
+
+// kindWanted describes the JSON values that decode into t, for problem
+// messages.
+func kindWanted(t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		return "an integer"
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer of 0 or more"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.String:
+		return "a string"
+	case reflect.Slice, reflect.Array:
+		return "a list"
+	case reflect.Struct, reflect.Map:
+		return "a mapping of fields"
+	}
+	return t.String()
 }
 
 // describeJSON names a decoded JSON value for a problem message: its kind,
@@ -95,11 +115,11 @@ func describeJSON(v any) string {
 
 var jsonUnmarshaler = reflect.TypeFor[json.Unmarshaler]()
 
-// walkUnknown checks the decoded JSON value v against the Go type t and
+// walkFields checks the decoded JSON value v against the Go type t and
 // appends a problem for each object key that t does not define and for
 // each value of the wrong type. A JSON null is never wrong: encoding/json
 // leaves the field unset.
-func walkUnknown(path string, v any, t reflect.Type, problems *[]FieldError) {
+func walkFields(path string, v any, t reflect.Type, problems *[]FieldError) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
@@ -124,7 +144,7 @@ func walkUnknown(path string, v any, t reflect.Type, problems *[]FieldError) {
 				*problems = append(*problems, FieldError{Field: field, Problem: unknownFieldProblem(key, fields)})
 				continue
 			}
-			walkUnknown(field, obj[key], ft, problems)
+			walkFields(field, obj[key], ft, problems)
 		}
 	case reflect.Slice, reflect.Array:
 		list, ok := v.([]any)
@@ -132,7 +152,7 @@ func walkUnknown(path string, v any, t reflect.Type, problems *[]FieldError) {
 			return
 		}
 		for i, elem := range list {
-			walkUnknown(fmt.Sprintf("%s[%d]", path, i), elem, t.Elem(), problems)
+			walkFields(fmt.Sprintf("%s[%d]", path, i), elem, t.Elem(), problems)
 		}
 	case reflect.Map:
 		obj, ok := v.(map[string]any)
@@ -140,7 +160,7 @@ func walkUnknown(path string, v any, t reflect.Type, problems *[]FieldError) {
 			return
 		}
 		for _, key := range slices.Sorted(maps.Keys(obj)) {
-			walkUnknown(joinFieldPath(path, key), obj[key], t.Elem(), problems)
+			walkFields(joinFieldPath(path, key), obj[key], t.Elem(), problems)
 		}
 	}
 }
