@@ -74,7 +74,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ [
 		if cmd != nil {
 			path = cmd.CommandPath()
 		}
-		fmt.Fprintf(stderr, "ember: %v\nRun '%s --help' for usage.\n", err, path)
+		printError(stderr, err)
+		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", path)
 		return exitUsage
 	default:
 		printError(stderr, err)

@@ -94,25 +94,31 @@ the ones after it are still deleted.`,
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
+			l, err := a.config()
+			if err != nil {
+				return err
+			}
+			// The store is opened once, and each backend's provider at most
+			// once, for all the snapshots named.
+			backends := &backendDeleters{cfg: l.Config, log: a.logger()}
 			var errs []error
 			deleted := []string{}
-			for _, ref := range args {
-				err := a.withSnapshotRef(ref, func(s *snapshot.Store, vmID, id string) error {
-					return a.deleteSnapshot(cmd.Context(), s, vmID, id)
-				})
-				if err != nil {
-					errs = append(errs, err)
-					continue
+			err = a.withStore(func(s *snapshot.Store) error {
+				for _, ref := range args {
+					if err := a.deleteSnapshot(cmd.Context(), s, backends, ref); err != nil {
+						errs = append(errs, err)
+						continue
+					}
+					deleted = append(deleted, ref)
+					if !a.jsonOutput() {
+						fmt.Fprintf(a.stdout, "deleted %s\n", ref)
+					}
 				}
-				deleted = append(deleted, ref)
-				if !a.jsonOutput() {
-					fmt.Fprintf(a.stdout, "deleted %s\n", ref)
-				}
-			}
+				return nil
+			})
+			errs = append(errs, err, backends.Close())
 			if a.jsonOutput() {
-				if err := a.writeJSON(map[string]any{"deleted": deleted}); err != nil {
-					errs = append(errs, err)
-				}
+				errs = append(errs, a.writeJSON(map[string]any{"deleted": deleted}))
 			}
 			return errors.Join(errs...)
 		},
@@ -142,9 +148,13 @@ the ones after it are still deleted.`,
 	return cmd
 }
 
-// deleteSnapshot deletes snapshot vmID/id from the store s and then the
-// backend's copy of it.
-func (a *app) deleteSnapshot(ctx context.Context, s *snapshot.Store, vmID, id string) error {
+// deleteSnapshot deletes snapshot ref ("vm/snapshot") from the store s
+// and then the backend's copy of it.
+func (a *app) deleteSnapshot(ctx context.Context, s *snapshot.Store, backends *backendDeleters, ref string) error {
+	vmID, id, err := parseSnapshotRef(ref)
+	if err != nil {
+		return err
+	}
 	m, err := s.Get(vmID, id)
 	if err != nil {
 		return err
@@ -152,11 +162,7 @@ func (a *app) deleteSnapshot(ctx context.Context, s *snapshot.Store, vmID, id st
 	if err := s.Delete(vmID, id); err != nil {
 		return err
 	}
-	l, err := a.config()
-	if err != nil {
-		return err
-	}
-	if err := deleteBackendSnapshot(ctx, m.Backend, l.Config, a.logger(), vmID, id); err != nil {
+	if err := backends.delete(ctx, m.Backend, vmID, id); err != nil {
 		return fmt.Errorf("deleted the manifest of %s/%s, but not the %s backend's copy: %w", vmID, id, m.Backend, err)
 	}
 	return nil

@@ -83,31 +83,43 @@ func firecrackerConfig(cfg *config.Config, bin string, log *slog.Logger) firecra
 	return fc
 }
 
-// deleteBackendSnapshot deletes a backend's own copy of snapshot vmID/id:
-// its record and the files the snapshot store does not list. A snapshot
-// the backend does not have, such as one made by ember snapshot flatten,
-// is not an error. Deleting starts no VMM, so the Firecracker backend
-// works without its binary.
-func deleteBackendSnapshot(ctx context.Context, backend string, cfg *config.Config, log *slog.Logger, vmID, id string) error {
+// backendDeleters deletes backends' own copies of snapshots: their
+// records and the files the snapshot store does not list. It builds each
+// backend's provider once, when a snapshot of that backend first needs
+// it, and Close detaches them. Deleting starts no VMM, so the Firecracker
+// backend works without its binary.
+type backendDeleters struct {
+	cfg       *config.Config
+	log       *slog.Logger
+	providers map[string]vm.Provider
+}
+
+// delete deletes the backend's copy of snapshot vmID/id. A snapshot the
+// backend does not have, such as one made by ember snapshot flatten, is
+// not an error.
+func (b *backendDeleters) delete(ctx context.Context, backend, vmID, id string) error {
 	// Both backends keep a snapshot in <snapshot dir>/<vm>/<snapshot>.
 	// Without that directory there is nothing to delete, and no reason to
 	// start a provider, which would create its directories.
-	if _, err := os.Lstat(filepath.Join(backendSnapshotDir(cfg, backend), vmID, id)); errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Lstat(filepath.Join(backendSnapshotDir(b.cfg, backend), vmID, id)); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	var p vm.Provider
-	var err error
-	switch backend {
-	case "firecracker":
-		p, err = firecracker.New(firecrackerConfig(cfg, cfg.Firecracker.Binary, log))
-	default:
-		p, err = newProvider(ctx, backend, cfg, log)
-	}
-	if err != nil {
-		return err
-	}
-	if d, ok := p.(vm.Detacher); ok {
-		defer d.Close()
+	p, ok := b.providers[backend]
+	if !ok {
+		var err error
+		switch backend {
+		case "firecracker":
+			p, err = firecracker.New(firecrackerConfig(b.cfg, b.cfg.Firecracker.Binary, b.log))
+		default:
+			p, err = newProvider(ctx, backend, b.cfg, b.log)
+		}
+		if err != nil {
+			return err
+		}
+		if b.providers == nil {
+			b.providers = map[string]vm.Provider{}
+		}
+		b.providers[backend] = p
 	}
 	del, ok := p.(vm.SnapshotDeleter)
 	if !ok {
@@ -117,6 +129,18 @@ func deleteBackendSnapshot(ctx context.Context, backend string, cfg *config.Conf
 		return err
 	}
 	return nil
+}
+
+// Close detaches the providers that delete built, which keeps the VMs they
+// adopted running.
+func (b *backendDeleters) Close() error {
+	var errs []error
+	for _, p := range b.providers {
+		if d, ok := p.(vm.Detacher); ok {
+			errs = append(errs, d.Close())
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // bundleDefaults returns the workspace defaults with unset kernel, initrd
