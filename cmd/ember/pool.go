@@ -55,6 +55,15 @@ func (e *poolEntry) bucket() pool.BucketConfig {
 // directory.
 var errPoolNotFound = errors.New("pool not found")
 
+// lookup returns the pool recorded as name.
+func (st *poolState) lookup(name string) (*poolEntry, error) {
+	e, ok := st.Pools[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s (ember pool ls lists the pools)", errPoolNotFound, name)
+	}
+	return e, nil
+}
+
 type poolFlags struct {
 	backend         string
 	snapshot        string
@@ -320,9 +329,9 @@ func (a *app) poolAcquire(ctx context.Context, name, tenant string, f poolFlags)
 		env[k] = v
 	}
 	return a.withPoolState(func(st *poolState) error {
-		e, ok := st.Pools[name]
-		if !ok {
-			return fmt.Errorf("%w: %s (ember pool ls lists the pools)", errPoolNotFound, name)
+		e, err := st.lookup(name)
+		if err != nil {
+			return err
 		}
 		entries := map[string]*poolEntry{name: e}
 		pl, p, err := a.openPool(ctx, e.Backend, entries)
@@ -383,9 +392,9 @@ func (a *app) poolList(ctx context.Context, f poolFlags) error {
 
 func (a *app) poolRemove(ctx context.Context, name string, f poolFlags) error {
 	return a.withPoolState(func(st *poolState) error {
-		e, ok := st.Pools[name]
-		if !ok {
-			return fmt.Errorf("%w: %s (ember pool ls lists the pools)", errPoolNotFound, name)
+		e, err := st.lookup(name)
+		if err != nil {
+			return err
 		}
 		// Adopt the entries without refilling, then remove the bucket,
 		// which destroys them.

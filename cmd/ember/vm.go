@@ -357,11 +357,7 @@ func (a *app) vmRestoreCommand(f *vmFlags) *cobra.Command {
 					return err
 				}
 				if resume {
-					hostname := ""
-					if agent.ValidateHostname(cfg.ID) == nil {
-						hostname = cfg.ID
-					}
-					a.syncGuest(ctx, p, cfg.ID, hostname, sync)
+					a.syncGuest(ctx, p, cfg.ID, guestHostname(cfg.ID), sync)
 				}
 				return a.printVM(ctx, p, cfg.ID, "restored")
 			})

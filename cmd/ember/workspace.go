@@ -173,13 +173,22 @@ func bundleDefaults(cfg *config.Config, dir string, m *image.Manifest) vm.Defaul
 }
 
 // nameGuest returns d with the kernel parameter that makes the bundle's
-// agent name the guest after VM id. A VM id that is not a valid host name
-// (longer than 63 bytes) keeps the kernel's default name.
+// agent name the guest after VM id, when the id is a valid host name.
 func nameGuest(d vm.Defaults, id string) vm.Defaults {
-	if agent.ValidateHostname(id) == nil {
-		d.BootArgs += " ember.hostname=" + id
+	if name := guestHostname(id); name != "" {
+		d.BootArgs += " ember.hostname=" + name
 	}
 	return d
+}
+
+// guestHostname returns the host name a guest gets for VM id: the id
+// itself, or "" for an id that is not a valid host name (one longer than
+// 63 bytes), which leaves the guest's name as it is.
+func guestHostname(id string) string {
+	if agent.ValidateHostname(id) != nil {
+		return ""
+	}
+	return id
 }
 
 // defaultBundleDir returns where `ember image build` puts the default
