@@ -112,20 +112,55 @@ func FindVirtioPort(sysfsRoot, name string) (string, error) {
 // rather than blocking, so a read cannot wait for the host.
 const disconnectedPoll = 50 * time.Millisecond
 
-// waitForHost returns when the host may have connected to the virtio-serial
-// port f, when ctx ends, or after disconnectedPoll at the latest.
+// hostWaiter waits for the host end of an open virtio-serial port to
+// connect.
 //
 // Linux's virtio console driver reports EPOLLHUP for a port whose host end
 // is closed and wakes the port's pollers when the host opens it, so an
 // edge-triggered epoll wait for EPOLLOUT returns as soon as the host
-// connects. The first report after registering is the current state, a
-// hangup, and is skipped. On any epoll error, and with poll set, the wait
-// is a plain sleep.
-func waitForHost(ctx context.Context, f *os.File, poll bool) {
-	if !poll {
-		if err := epollWaitForHost(ctx, f, disconnectedPoll); err == nil {
+// connects. The port is registered once per open file. The first report
+// is the state at registration, a hangup, and is skipped like every
+// hangup. With poll set, or after an epoll call failed, a wait is a plain
+// sleep.
+type hostWaiter struct {
+	// epfd is the epoll instance the port is registered with, or -1.
+	epfd int
+}
+
+func newHostWaiter(f *os.File, poll bool) *hostWaiter {
+	w := &hostWaiter{epfd: -1}
+	if poll {
+		return w
+	}
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return w
+	}
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return w
+	}
+	var ctlErr error
+	err = raw.Control(func(fd uintptr) {
+		ev := unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLET, Fd: int32(fd)}
+		ctlErr = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
+	})
+	if err != nil || ctlErr != nil {
+		unix.Close(epfd)
+		return w
+	}
+	w.epfd = epfd
+	return w
+}
+
+// wait returns when the host may have connected, when ctx ends, or after
+// disconnectedPoll at the latest.
+func (w *hostWaiter) wait(ctx context.Context) {
+	if w.epfd >= 0 {
+		if err := w.epollWait(ctx); err == nil {
 			return
 		}
+		w.close()
 	}
 	select {
 	case <-ctx.Done():
@@ -133,36 +168,15 @@ func waitForHost(ctx context.Context, f *os.File, poll bool) {
 	}
 }
 
-func epollWaitForHost(ctx context.Context, f *os.File, timeout time.Duration) error {
-	raw, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(epfd)
-
-	var ctlErr error
-	if err := raw.Control(func(fd uintptr) {
-		ev := unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLET, Fd: int32(fd)}
-		ctlErr = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
-	}); err != nil {
-		return err
-	}
-	if ctlErr != nil {
-		return ctlErr
-	}
-
-	deadline := time.Now().Add(timeout)
+func (w *hostWaiter) epollWait(ctx context.Context) error {
+	deadline := time.Now().Add(disconnectedPoll)
 	events := make([]unix.EpollEvent, 1)
 	for ctx.Err() == nil {
 		ms := time.Until(deadline).Milliseconds()
 		if ms <= 0 {
 			return nil
 		}
-		n, err := unix.EpollWait(epfd, events, int(ms))
+		n, err := unix.EpollWait(w.epfd, events, int(ms))
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -174,6 +188,14 @@ func epollWaitForHost(ctx context.Context, f *os.File, timeout time.Duration) er
 		}
 	}
 	return nil
+}
+
+// close releases the epoll instance. It accepts a nil waiter.
+func (w *hostWaiter) close() {
+	if w != nil && w.epfd >= 0 {
+		unix.Close(w.epfd)
+		w.epfd = -1
+	}
 }
 
 // ServeVirtioPort serves the protocol over the virtio-serial device at path
@@ -190,14 +212,20 @@ func (s *Server) ServeVirtioPort(ctx context.Context, path string) error {
 		}
 		first := make([]byte, 1)
 		n, err := f.Read(first)
+		var waiter *hostWaiter
 		for n == 0 && ctx.Err() == nil {
 			if err != nil && !errors.Is(err, io.EOF) {
+				waiter.close()
 				f.Close()
 				return fmt.Errorf("read virtio-serial port %s: %w", path, err)
 			}
-			waitForHost(ctx, f, s.cfg.PollVirtioPort)
+			if waiter == nil {
+				waiter = newHostWaiter(f, s.cfg.PollVirtioPort)
+			}
+			waiter.wait(ctx)
 			n, err = f.Read(first)
 		}
+		waiter.close()
 		if n == 0 {
 			f.Close()
 			break
