@@ -226,6 +226,12 @@ func flagError(err error) error {
 	return fmt.Errorf("--%s %q is invalid, want %s", ive.GetFlag().Name, ive.GetValue(), want)
 }
 
+// addBackendFlag adds the --backend flag, which picks the backend in
+// place of the configured one, to flags.
+func addBackendFlag(flags *pflag.FlagSet, backend *string) {
+	flags.StringVar(backend, "backend", "", `backend: "qemu" or "firecracker" (default: the configured backend)`)
+}
+
 // group makes a command that only holds subcommands print its help when
 // called alone and report a usage error for an unknown subcommand.
 func group(cmd *cobra.Command) *cobra.Command {

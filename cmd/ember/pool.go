@@ -87,7 +87,7 @@ the pool's settings and entries are recorded in <state_dir>/pools.json.
 Without a daemon, a pool refills only while an ember pool command runs.
 Entries have no network interfaces yet.`,
 	})
-	cmd.PersistentFlags().StringVar(&f.backend, "backend", "", `backend: "qemu" or "firecracker" (default: the configured backend)`)
+	addBackendFlag(cmd.PersistentFlags(), &f.backend)
 	cmd.PersistentFlags().DurationVar(&f.timeout, "timeout", 5*time.Minute, "how long to wait for the pool to fill")
 
 	create := &cobra.Command{

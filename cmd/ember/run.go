@@ -40,7 +40,7 @@ a command in every clone, tear everything down and print a timing table.`,
 		RunE: func(cmd *cobra.Command, _ []string) error { return a.runDemo(cmd.Context(), f) },
 	}
 	flags := cmd.Flags()
-	flags.StringVar(&f.backend, "backend", "", `backend: "qemu" or "firecracker" (default: the configured backend)`)
+	addBackendFlag(flags, &f.backend)
 	flags.StringVar(&f.bundle, "bundle", "", "guest bundle directory (default: <state_dir>/images/default, built when missing)")
 	flags.IntVar(&f.clones, "clones", 3, "number of clones restored from the snapshot")
 	flags.IntVar(&f.memMiB, "mem", 0, "guest memory in MiB (default: the configured default)")

@@ -16,8 +16,22 @@ import (
 )
 
 // seedStore records a full snapshot web-1/base and a diff web-1/d1 in a new
-// state directory and returns the environment that points ember at it.
+// state directory and returns the environment that points ember at it and
+// the directory of the snapshot files. The memory files differ in size.
 func seedStore(t *testing.T) ([]string, string) {
+	t.Helper()
+	return recordChain(t, "firecracker", func(path, id string) {
+		if err := os.WriteFile(path, []byte("memory-"+id), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// recordChain records a full snapshot web-1/base and a diff web-1/d1 of
+// backend in a new state directory, with memory files that writeMemory
+// creates, and returns the environment that points ember at it and the
+// directory of the snapshot files.
+func recordChain(t *testing.T, backend string, writeMemory func(path, id string)) ([]string, string) {
 	t.Helper()
 	state := t.TempDir()
 	s, err := snapshot.Open(filepath.Join(state, "snapshots"))
@@ -32,14 +46,12 @@ func seedStore(t *testing.T) ([]string, string) {
 			typ = vm.SnapshotDiff
 		}
 		mem := filepath.Join(files, snap.id+".mem")
-		if err := os.WriteFile(mem, []byte("memory-"+snap.id), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		writeMemory(mem, snap.id)
 		state := filepath.Join(files, snap.id+".state")
 		if err := os.WriteFile(state, []byte("state-"+snap.id), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		info := vm.SnapshotInfo{ID: snap.id, VMID: "web-1", Type: typ, Parent: snap.parent, Backend: "firecracker",
+		info := vm.SnapshotInfo{ID: snap.id, VMID: "web-1", Type: typ, Parent: snap.parent, Backend: backend,
 			VCPUCount: 1, MemSizeMiB: 128, StatePath: state, MemoryPath: mem, CreatedAt: time.Now()}
 		if _, err := s.Record(context.Background(), info, "1.14.1", snapshot.Inputs{}); err != nil {
 			t.Fatal(err)
@@ -189,34 +201,9 @@ func TestSnapshotRefErrors(t *testing.T) {
 // layout: the diff's data regions are the pages it changed.
 func seedChain(t *testing.T, backend string) []string {
 	t.Helper()
-	state := t.TempDir()
-	s, err := snapshot.Open(filepath.Join(state, "snapshots"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	files := t.TempDir()
-	for _, snap := range []struct {
-		id, parent string
-		pages      map[int64]byte
-	}{{"base", "", map[int64]byte{0: 'a', 1: 'a'}}, {"d1", "base", map[int64]byte{1: 'b', 5: 'b'}}} {
-		typ := vm.SnapshotFull
-		if snap.parent != "" {
-			typ = vm.SnapshotDiff
-		}
-		mem := filepath.Join(files, snap.id+".mem")
-		writePages(t, mem, 16, snap.pages)
-		state := filepath.Join(files, snap.id+".state")
-		if err := os.WriteFile(state, []byte("state-"+snap.id), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		info := vm.SnapshotInfo{ID: snap.id, VMID: "web-1", Type: typ, Parent: snap.parent, Backend: backend,
-			VCPUCount: 1, MemSizeMiB: 128, StatePath: state, MemoryPath: mem, CreatedAt: time.Now()}
-		if _, err := s.Record(context.Background(), info, "1.14.1", snapshot.Inputs{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return []string{"EMBER_STATE_DIR=" + state}
+	pages := map[string]map[int64]byte{"base": {0: 'a', 1: 'a'}, "d1": {1: 'b', 5: 'b'}}
+	env, _ := recordChain(t, backend, func(path, id string) { writePages(t, path, 16, pages[id]) })
+	return env
 }
 
 const pageSize = 4096

@@ -49,7 +49,7 @@ func (a *app) vmCommand() *cobra.Command {
 ember invocations on backends that support it (qemu); their run-time files
 live under <run_dir>/<backend>.`,
 	})
-	cmd.PersistentFlags().StringVar(&f.backend, "backend", "", `backend: "qemu" or "firecracker" (default: the configured backend)`)
+	addBackendFlag(cmd.PersistentFlags(), &f.backend)
 
 	simple := func(use, short string, op func(vm.Provider, context.Context, string) error, done string) *cobra.Command {
 		return &cobra.Command{
