@@ -140,7 +140,7 @@ func typeProblem(e *json.UnmarshalTypeError) string {
 	case "string", "number", "bool":
 		got = "a " + got
 	}
-	return fmt.Sprintf("got %s, want %s", got, kindWanted(e.Type))
+	return fmt.Sprintf("got %s, want %s", got, expectedKind(e.Type))
 }
 
 // ResolvePaths makes every relative host path in s absolute by joining it

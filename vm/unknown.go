@@ -63,12 +63,12 @@ func wrongType(v any, t reflect.Type) string {
 	if fits {
 		return ""
 	}
-	return kindWanted(t)
+	return expectedKind(t)
 }
 
-// kindWanted describes the JSON values that decode into t, for problem
+// expectedKind describes the JSON values that decode into t, for problem
 // messages.
-func kindWanted(t reflect.Type) string {
+func expectedKind(t reflect.Type) string {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}

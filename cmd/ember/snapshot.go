@@ -98,8 +98,8 @@ the ones after it are still deleted.`,
 			if err != nil {
 				return err
 			}
-			// The store is opened once, and each backend's provider at most
-			// once, for all the snapshots named.
+			// One open store, and one provider per backend, serve all
+			// the snapshots named.
 			backends := &backendDeleters{cfg: l.Config, log: a.logger()}
 			var errs []error
 			deleted := []string{}
