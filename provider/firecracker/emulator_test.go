@@ -185,6 +185,36 @@ func waitConsole(t *testing.T, p *Provider, id, want string) string {
 	}
 }
 
+// snapshotFullThenDiff waits until VM id's guest printed TICK fullTick,
+// takes the full snapshot "full", lets the guest run to TICK diffTick and
+// takes the diff snapshot "delta". It returns the last tick the console
+// showed before the diff, which a restore of "delta" continues from.
+func snapshotFullThenDiff(t *testing.T, p *Provider, id string, fullTick, diffTick int) int {
+	t.Helper()
+	ctx := context.Background()
+	waitConsole(t, p, id, fmt.Sprintf("TICK %d", fullTick))
+	if err := p.Pause(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Snapshot(ctx, id, vm.SnapshotOptions{ID: "full"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Resume(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	waitConsole(t, p, id, fmt.Sprintf("TICK %d", diffTick))
+	if err := p.Pause(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(150 * time.Millisecond) // let the last TICK line reach the console
+	out, _ := p.Console(ctx, id)
+	atDiff := lastTick(string(out))
+	if _, err := p.Snapshot(ctx, id, vm.SnapshotOptions{ID: "delta", Type: vm.SnapshotDiff}); err != nil {
+		t.Fatal(err)
+	}
+	return atDiff
+}
+
 // lastTick returns the highest TICK number in console output.
 func lastTick(out string) int {
 	n := -1
@@ -266,21 +296,7 @@ func TestRestoreContinuesGuest(t *testing.T) {
 			p := newEmulated(t, "1.14.1", env, func(c *Config) { c.RestoreMemory = backend })
 			ctx := context.Background()
 			bootEmulated(t, p, emuConfig(env, "ticker"))
-			waitConsole(t, p, "ticker", "TICK 2")
-			if err := p.Pause(ctx, "ticker"); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := p.Snapshot(ctx, "ticker", vm.SnapshotOptions{ID: "full"}); err != nil {
-				t.Fatal(err)
-			}
-			p.Resume(ctx, "ticker")
-			waitConsole(t, p, "ticker", "TICK 4")
-			p.Pause(ctx, "ticker")
-			out, _ := p.Console(ctx, "ticker")
-			atDiff := lastTick(string(out))
-			if _, err := p.Snapshot(ctx, "ticker", vm.SnapshotOptions{ID: "delta", Type: vm.SnapshotDiff}); err != nil {
-				t.Fatal(err)
-			}
+			atDiff := snapshotFullThenDiff(t, p, "ticker", 2, 4)
 			p.Destroy(ctx, "ticker")
 
 			ref := vm.SnapshotRef{VMID: "ticker", SnapshotID: "delta", ResumeImmediately: true}

@@ -124,22 +124,7 @@ func TestRealBootAndRestore(t *testing.T) {
 			if !strings.Contains(out, "id=2") {
 				t.Errorf("guest found no block device: %q", out)
 			}
-			waitConsole(t, p, "probe", "TICK 3")
-			if err := p.Pause(ctx, "probe"); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := p.Snapshot(ctx, "probe", vm.SnapshotOptions{ID: "full"}); err != nil {
-				t.Fatal(err)
-			}
-			p.Resume(ctx, "probe")
-			waitConsole(t, p, "probe", "TICK 6")
-			p.Pause(ctx, "probe")
-			time.Sleep(150 * time.Millisecond) // let the last TICK line reach the console
-			raw, _ := p.Console(ctx, "probe")
-			atDiff := lastTick(string(raw))
-			if _, err := p.Snapshot(ctx, "probe", vm.SnapshotOptions{ID: "delta", Type: vm.SnapshotDiff}); err != nil {
-				t.Fatal(err)
-			}
+			atDiff := snapshotFullThenDiff(t, p, "probe", 3, 6)
 			if err := p.Destroy(ctx, "probe"); err != nil {
 				t.Fatal(err)
 			}
