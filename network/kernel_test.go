@@ -65,18 +65,7 @@ func newKernelEnv(t *testing.T) *kernelEnv {
 // open opens the store and a Manager, as an Ember process start does.
 func (e *kernelEnv) open(t *testing.T) {
 	t.Helper()
-	s, err := network.OpenStore(e.dbPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.store = s
-	e.mgr, err = network.NewManager(network.Options{
-		Networks: e.nets, Store: s, HostNetNS: e.host, Kernel: e.kernel,
-		NetNSPrefix: networktest.Prefix + "slot-", Logger: quiet,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e.store, e.mgr = networktest.OpenManager(t, e.dbPath, e.nets, e.host, e.kernel)
 }
 
 // checkTeardown removes everything and checks that the host namespace is

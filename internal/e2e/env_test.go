@@ -154,18 +154,7 @@ func newEnv(t *testing.T) *env {
 // does.
 func (e *env) open(t *testing.T) {
 	t.Helper()
-	s, err := network.OpenStore(e.dbPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.store = s
-	e.mgr, err = network.NewManager(network.Options{
-		Networks: e.nets, Store: s, HostNetNS: e.host, Kernel: network.NewKernel(e.host),
-		NetNSPrefix: networktest.Prefix + "slot-", Logger: quiet,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e.store, e.mgr = networktest.OpenManager(t, e.dbPath, e.nets, e.host, network.NewKernel(e.host))
 }
 
 // openProvider starts a QEMU provider on the run directory, which adopts
